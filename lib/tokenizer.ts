@@ -243,10 +243,16 @@ function cleanUpTokenization(text: string): string {
 /**
  * Split raw text on added tokens, leftmost first and longest first at the same position, like
  * `Trie.split` in tokenization_utils.py. Matching is case-sensitive, as there.
+ * `byLength` is the added tokens sorted longest first.
  */
-function splitOnAddedTokens(text: string, added: Map<string, 'special' | 'placeholder'>): Segment[] {
-  if (added.size === 0 || text.length === 0) return text.length > 0 ? [{ text }] : [];
-  const byLength = [...added.keys()].sort((a, b) => b.length - a.length);
+function splitOnAddedTokens(
+  text: string,
+  byLength: readonly string[],
+  kinds: ReadonlyMap<string, 'special' | 'placeholder'>,
+): Segment[] {
+  if (text.length === 0) return [];
+  // Most prompts hold no added token at all: skip the scan.
+  if (!byLength.some((t) => text.includes(t))) return [{ text }];
   const segments: Segment[] = [];
   let start = 0;
   let i = 0;
@@ -263,12 +269,32 @@ function splitOnAddedTokens(text: string, added: Map<string, 'special' | 'placeh
       continue;
     }
     if (i > start) segments.push({ text: text.slice(start, i) });
-    segments.push({ text: hit, added: added.get(hit) });
+    segments.push({ text: hit, added: kinds.get(hit) });
     i += hit.length;
     start = i;
   }
   if (start < text.length) segments.push({ text: text.slice(start) });
   return segments;
+}
+
+function sortLongestFirst(tokens: Iterable<string>): string[] {
+  return [...tokens].sort((a, b) => b.length - a.length);
+}
+
+/** bytes_to_unicode maps '!'..'~' to themselves, so such pre-tokens need no UTF-8 round trip. */
+function byteEncode(pre: string): string {
+  let ascii = true;
+  for (let i = 0; i < pre.length; i++) {
+    const c = pre.charCodeAt(i);
+    if (c < 0x21 || c > 0x7e) {
+      ascii = false;
+      break;
+    }
+  }
+  if (ascii) return pre;
+  let encoded = '';
+  for (const byte of UTF8_ENCODER.encode(pre)) encoded += BYTE_ENCODER[byte];
+  return encoded;
 }
 
 /** Candidate locations of the bundled tokenizer: from lib/ (ts-jest, ts-node) and from dist/lib/ (built package). */
@@ -307,10 +333,14 @@ export class ClipTokenizer {
   private readonly decoder: Map<number, string>;
   /** Merge ranks keyed by `a + ' ' + b` (merge tokens never contain spaces). */
   private readonly bpeRanks: Map<string, number>;
-  /** Per pre-token BPE result; CLIPTokenizer.cache. Special tokens are handled before it. */
+  /**
+   * BPE result per pre-token (CLIPTokenizer.cache). Keyed by the raw pre-token rather than its byte-encoded
+   * form: the mapping is one-to-one, and a hit then skips the UTF-8 encoding too.
+   */
   private readonly cache = new Map<string, string[]>();
   /** Special tokens are no-split added tokens in transformers: split out of the raw text first. */
   private readonly specialSplit: Map<string, 'special' | 'placeholder'>;
+  private readonly specialByLength: string[];
   private readonly specialIds: Set<number>;
 
   private constructor(
@@ -355,6 +385,7 @@ export class ClipTokenizer {
       [special.pad, 'special'],
       [special.unk, 'special'],
     ]);
+    this.specialByLength = sortLongestFirst(this.specialSplit.keys());
     this.specialIds = new Set([this.bosTokenId, this.eosTokenId, this.padTokenId, this.unkTokenId]);
   }
 
@@ -438,10 +469,14 @@ export class ClipTokenizer {
     this.cache.clear();
   }
 
-  /** `CLIPTokenizer.bpe`: merge the lowest-ranked adjacent pair until none is in the merge table. */
-  private bpe(token: string): string[] {
-    const cached = this.cache.get(token);
+  /**
+   * `CLIPTokenizer.bpe` on the byte-encoded `token`: merge the lowest-ranked adjacent pair until none is in
+   * the merge table. Cached under the raw pre-token `pre`.
+   */
+  private bpe(pre: string): string[] {
+    const cached = this.cache.get(pre);
     if (cached !== undefined) return cached;
+    const token = byteEncode(pre);
     // word = tuple(token[:-1]) + (token[-1] + "</w>",); byte-encoded chars are all single UTF-16 units.
     let word = token.split('');
     word[word.length - 1] += '</w>';
@@ -473,7 +508,7 @@ export class ClipTokenizer {
       word = merged;
     }
     if (this.cache.size >= BPE_CACHE_LIMIT) this.cache.clear();
-    this.cache.set(token, word);
+    this.cache.set(pre, word);
     return word;
   }
 
@@ -489,9 +524,7 @@ export class ClipTokenizer {
         out.push(pre);
         continue;
       }
-      let encoded = '';
-      for (const byte of UTF8_ENCODER.encode(pre)) encoded += BYTE_ENCODER[byte];
-      for (const piece of this.bpe(encoded)) out.push(piece);
+      for (const piece of this.bpe(pre)) out.push(piece);
     }
   }
 
@@ -504,7 +537,7 @@ export class ClipTokenizer {
   tokenize(text: string): string[] {
     if (typeof text !== 'string') throw invalidParameterError('text', 'string', text);
     const out: string[] = [];
-    for (const seg of splitOnAddedTokens(text, this.specialSplit)) {
+    for (const seg of splitOnAddedTokens(text, this.specialByLength, this.specialSplit)) {
       if (seg.added) out.push(seg.text);
       else this.tokenizeFreeText(seg.text, out);
     }
@@ -543,7 +576,7 @@ export class ClipTokenizer {
 
     const split = new Map(this.specialSplit);
     for (const p of placeholders) split.set(p, 'placeholder');
-    const segments = splitOnAddedTokens(text, split);
+    const segments = splitOnAddedTokens(text, sortLongestFirst(split.keys()), split);
     if (placeholders.length > 0) this.checkUnknownPlaceholders(text, segments, placeholders);
 
     const content: ContentToken[] = [];
