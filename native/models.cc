@@ -190,7 +190,9 @@ class RunWorker : public PromiseWorker {
     TensorMap moved;
     for (const auto& [k, v] : inputs_) {
       // floating inputs take the model's dtype and device; integer inputs (ids, timesteps) keep theirs
-      moved[k] = v.is_floating_point() ? v.to(model_->opts.device(), model_->opts.dtype().toScalarType()) : v.to(model_->opts.device());
+      // (a float timestep stays float32: fractional Euler timesteps must not round to fp16)
+      bool cast = v.is_floating_point() && k != "timestep";
+      moved[k] = cast ? v.to(model_->opts.device(), model_->opts.dtype().toScalarType()) : v.to(model_->opts.device());
     }
     outputs_ = model_->model->run(method_, moved);
   }

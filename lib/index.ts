@@ -1,0 +1,16 @@
+/**
+ * singleinsert-native: SingleInsert (Wu et al., 2023) for Stable Diffusion v1.5 on libtorch.
+ * Every long-running call returns a promise and runs on a native worker thread.
+ */
+export { AbortError, SingleInsertError } from './errors';
+export type { BuildInfo, DType, NativeTensor, Tensor, TypedArray } from './native';
+export { buildInfo, version } from './info';
+export { readSafetensors, readSafetensorsHeader, writeSafetensors } from './safetensors';
+export type { SafetensorsContents, SafetensorsHeader } from './safetensors';
+export { ClipTokenizer, bundledTokenizerDir } from './tokenizer';
+export { CLASS_TEMPLATE, TRAIN_TEMPLATE, fill } from './prompts';
+export { describeModel, loadComponent, loadPipeline, Model, Pipeline } from './models';
+export type { DTypeOption, LoadOptions, PipelineLoadOptions } from './models';
+export { readConfig, resolveConfig } from './config';
+export type { Config, ModelKind } from './config';
+export { hubCacheDir, resolveModelPath } from './model-files';
