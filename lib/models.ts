@@ -55,6 +55,13 @@ export class Model {
     return withCallerStack(this.handle.run(method, inputs), stack);
   }
 
+  /** Every parameter under its state-dict key (a copy, in the model's dtype). */
+  stateDict(): Promise<Record<string, NativeTensor>> {
+    if (!this.handle) return Promise.reject(new SingleInsertError(`The ${this.kind} model from ${this.source} was disposed`));
+    const stack = new Error();
+    return withCallerStack(this.handle.stateDict(), stack);
+  }
+
   dispose(): void {
     this.handle?.dispose();
     this.handle = null;

@@ -30,6 +30,8 @@ export interface NativeModelHandle {
   readonly kind: string;
   readonly loadedTensors: number;
   run(method: string, inputs: Record<string, Tensor>): Promise<Record<string, NativeTensor>>;
+  /** every parameter, copied, in its own dtype */
+  stateDict(): Promise<Record<string, NativeTensor>>;
   dispose(): void;
 }
 

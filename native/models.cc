@@ -208,11 +208,35 @@ class RunWorker : public PromiseWorker {
   TensorMap inputs_, outputs_;
 };
 
+// The model's parameters in their own dtype, for checks and exports (a copy; nothing shared).
+class StateDictWorker : public PromiseWorker {
+ public:
+  StateDictWorker(Napi::Env env, std::shared_ptr<LoadedModel> model)
+      : PromiseWorker(env, model->kind + ".stateDict"), model_(std::move(model)) {}
+
+ protected:
+  void Run() override {
+    std::lock_guard<std::mutex> lock(model_->mutex);
+    torch::NoGradGuard no_grad;
+    for (const auto& p : model_->model->module().named_parameters(true)) tensors_.emplace_back(p.key(), p.value().detach().to(at::kCPU).clone());
+  }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object o = Napi::Object::New(env);
+    for (const auto& [k, v] : tensors_) o.Set(k, tensor_to_js(env, v));
+    return o;
+  }
+
+ private:
+  std::shared_ptr<LoadedModel> model_;
+  std::vector<std::pair<std::string, at::Tensor>> tensors_;
+};
+
 class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "ModelHandle",
                        {InstanceMethod("run", &ModelHandle::Run), InstanceMethod("dispose", &ModelHandle::Dispose),
+                        InstanceMethod("stateDict", &ModelHandle::StateDict),
                         InstanceAccessor("kind", &ModelHandle::Kind, nullptr)});
   }
   explicit ModelHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelHandle>(info) {
@@ -236,6 +260,13 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
       inputs[name] = tensor_from_js(obj.Get(name), "inputs." + name);
     }
     auto* w = new RunWorker(env, model_, method, std::move(inputs));
+    w->Queue();
+    return w->Promise();
+  }
+
+  Napi::Value StateDict(const Napi::CallbackInfo& info) {
+    if (!model_) throw Napi::Error::New(info.Env(), "This model was disposed");
+    auto* w = new StateDictWorker(info.Env(), model_);
     w->Queue();
     return w->Promise();
   }

@@ -8,6 +8,7 @@
 //   node scripts/bootstrap.mjs --install-hook  npm's "install" step: build if libtorch is there,
 //                                              never apt, never fail the npm install
 import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -62,11 +63,17 @@ function ensureLibtorch() {
   return torch;
 }
 
-// 2. npm packages
+// 2. npm packages: `npm ci` when node_modules was not installed from this exact lockfile
+// (a content hash, not mtimes: checkouts and worktrees reset mtimes)
+function lockHash() {
+  return createHash('sha256').update(fs.readFileSync(path.join(root, 'package-lock.json'))).digest('hex');
+}
 function ensureNodeModules() {
-  const stamp = path.join(root, 'node_modules', '.package-lock.json');
-  if (fs.existsSync(stamp) && mtime(stamp) >= mtime(path.join(root, 'package-lock.json'))) return;
+  const stamp = path.join(root, 'node_modules', '.singleinsert-lock-hash');
+  const want = lockHash();
+  if (fs.existsSync(stamp) && fs.readFileSync(stamp, 'utf8').trim() === want) return;
   run('npm', ['ci', '--no-audit', '--no-fund']);
+  fs.writeFileSync(stamp, want + '\n');
 }
 
 // 3. TypeScript -> dist/
