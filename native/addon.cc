@@ -8,6 +8,8 @@ namespace {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   si::register_io(env, exports);
   si::register_models(env, exports);
+  si::register_schedulers(env, exports);
+  si::register_lora(env, exports);
   return exports;
 }
 

@@ -3,7 +3,20 @@
 
 #include <napi.h>
 
+#include <memory>
+#include <mutex>
+#include <string>
+
 namespace si {
+class NativeModel;
+
 void register_io(Napi::Env env, Napi::Object exports);
 void register_models(Napi::Env env, Napi::Object exports);
+void register_schedulers(Napi::Env env, Napi::Object exports);
+void register_lora(Napi::Env env, Napi::Object exports);
+
+// ModelHandle's LoRA methods (applyLora, createLora, setLora, clearLora, collectLora), defined in
+// lora_bindings.cc. `lock` is the model's job mutex, as an aliasing pointer that keeps the model alive.
+Napi::Value lora_method(const Napi::CallbackInfo& info, const std::string& method, const std::string& kind,
+                        std::shared_ptr<NativeModel> model, std::shared_ptr<std::mutex> lock);
 }  // namespace si

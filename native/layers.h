@@ -8,12 +8,54 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace si {
+
+// One low-rank adapter (LoRA, Hu et al. 2021, in the kohya sd-scripts `networks.lora` form) on a
+// Linear or Conv2d: forward adds scale * (alpha / rank) * up(down(x)). The adapters are plain
+// members, NOT registered parameters, so named_parameters() and the strict loader see only the base
+// weights. native/lora.h creates, loads, scales, merges, collects and removes them.
+struct LoraAdapter {
+  std::string name;     // the LoRA it belongs to: several LoRAs can stack on one layer
+  at::Tensor down, up;  // Linear: [r, in], [out, r]. Conv2d: [r, in, kh, kw], [out, r, 1, 1]
+  double alpha = 1;     // kohya's alpha: the update is scaled by alpha / rank
+  int64_t rank = 1;
+  double scale = 1;     // the user's strength (diffusers: cross_attention_kwargs["scale"])
+  bool enabled = true;
+  bool merged = false;  // folded into the layer's weight by merge_lora(): forward skips it
+  double multiplier() const { return scale * alpha / static_cast<double>(rank); }
+  // Whether forward adds this adapter's branch; a zero scale adds nothing, so it costs nothing.
+  bool active() const { return enabled && !merged && scale != 0; }
+};
+using LoraAdapters = std::vector<std::shared_ptr<LoraAdapter>>;
+
+// Per-thread "run without LoRA" switch, set by si::LoraBypass (lora.h). Training needs the same
+// model without its adapters in a no-grad pass (SingleInsert's L_sm target); a thread-local flag
+// does that without touching adapter state that other code may be reading.
+inline bool& lora_bypassed() {
+  static thread_local bool bypassed = false;
+  return bypassed;
+}
+
+// Adds the active adapters' branches to the base output y; `branch(a)` computes up(down(x)).
+template <typename Branch>
+at::Tensor add_lora(at::Tensor y, const LoraAdapters& lora, Branch branch) {
+  const bool bypass = lora_bypassed();
+  for (const auto& a : lora) {
+    // a merged adapter lives inside the weight: it cannot be left out by a bypass
+    TORCH_CHECK(!(bypass && a->merged && a->enabled), "LoRA \"", a->name, "\" is merged into the weights and cannot be bypassed; unmerge it first");
+    if (bypass || !a->active()) continue;
+    y = y + branch(*a) * a->multiplier();
+  }
+  return y;
+}
 
 class LinearImpl : public torch::nn::Module {
  public:
@@ -21,11 +63,16 @@ class LinearImpl : public torch::nn::Module {
     weight = register_parameter("weight", at::empty({out, in}, opts));
     if (bias) this->bias = register_parameter("bias", at::empty({out}, opts));
   }
-  // x: [..., in] -> [..., out]
-  at::Tensor forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+  // x: [..., in] -> [..., out]; with adapters: + s * (alpha / r) * (x @ down^T) @ up^T
+  at::Tensor forward(const at::Tensor& x) {
+    at::Tensor y = at::linear(x, weight, bias);
+    if (lora.empty()) return y;
+    return add_lora(y, lora, [&](const LoraAdapter& a) { return at::linear(at::linear(x, a.down), a.up); });
+  }
 
   int64_t in_features, out_features;
   at::Tensor weight, bias;  // bias undefined when the layer has none
+  LoraAdapters lora;        // not parameters: see LoraAdapter
 };
 TORCH_MODULE(Linear);
 
@@ -36,11 +83,19 @@ class Conv2dImpl : public torch::nn::Module {
     weight = register_parameter("weight", at::empty({out, in, kernel, kernel}, opts));
     if (bias) this->bias = register_parameter("bias", at::empty({out}, opts));
   }
-  // x: [B, in, H, W] -> [B, out, H', W']
-  at::Tensor forward(const at::Tensor& x) { return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding}); }
+  // x: [B, in, H, W] -> [B, out, H', W']; with adapters: + s * (alpha / r) * up(down(x)), where down
+  // has this layer's kernel, stride and padding and up is a 1x1 conv (kohya's LoRA for Conv2d)
+  at::Tensor forward(const at::Tensor& x) {
+    at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+    if (lora.empty()) return y;
+    return add_lora(y, lora, [&](const LoraAdapter& a) {
+      return at::conv2d(at::conv2d(x, a.down, {}, {stride, stride}, {padding, padding}), a.up);
+    });
+  }
 
   int64_t in_channels, out_channels, stride, padding;
   at::Tensor weight, bias;
+  LoraAdapters lora;  // not parameters: see LoraAdapter
 };
 TORCH_MODULE(Conv2d);
 

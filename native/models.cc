@@ -237,6 +237,9 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     return DefineClass(env, "ModelHandle",
                        {InstanceMethod("run", &ModelHandle::Run), InstanceMethod("dispose", &ModelHandle::Dispose),
                         InstanceMethod("stateDict", &ModelHandle::StateDict),
+                        InstanceMethod("applyLora", &ModelHandle::ApplyLora), InstanceMethod("createLora", &ModelHandle::CreateLora),
+                        InstanceMethod("setLora", &ModelHandle::SetLora), InstanceMethod("clearLora", &ModelHandle::ClearLora),
+                        InstanceMethod("collectLora", &ModelHandle::CollectLora),
                         InstanceAccessor("kind", &ModelHandle::Kind, nullptr)});
   }
   explicit ModelHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelHandle>(info) {
@@ -269,6 +272,18 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     auto* w = new StateDictWorker(info.Env(), model_);
     w->Queue();
     return w->Promise();
+  }
+
+  // LoRA (lora_bindings.cc): the adapters live on the model's layers, and every LoRA job takes the
+  // model's mutex like RunWorker does.
+  Napi::Value ApplyLora(const Napi::CallbackInfo& info) { return Lora(info, "applyLora"); }
+  Napi::Value CreateLora(const Napi::CallbackInfo& info) { return Lora(info, "createLora"); }
+  Napi::Value SetLora(const Napi::CallbackInfo& info) { return Lora(info, "setLora"); }
+  Napi::Value ClearLora(const Napi::CallbackInfo& info) { return Lora(info, "clearLora"); }
+  Napi::Value CollectLora(const Napi::CallbackInfo& info) { return Lora(info, "collectLora"); }
+  Napi::Value Lora(const Napi::CallbackInfo& info, const char* method) {
+    if (!model_) throw Napi::Error::New(info.Env(), "This model was disposed");
+    return lora_method(info, method, model_->kind, model_->model, std::shared_ptr<std::mutex>(model_, &model_->mutex));
   }
 
   // Drops this handle's reference; jobs in flight keep the model alive until they finish.

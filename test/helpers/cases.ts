@@ -12,7 +12,9 @@ export interface GoldenCase {
 /** Reads cases/<name>.json and its safetensors file. */
 export async function loadCase(name: string): Promise<GoldenCase> {
   const dir = path.join(fixturesDir(), 'cases');
-  const json = JSON.parse(fs.readFileSync(path.join(dir, `${name}.json`), 'utf8'));
+  // Python's json writes -Infinity/Infinity/NaN (e.g. DPM-Solver's lambda_min_clipped), which JSON.parse rejects
+  const text = fs.readFileSync(path.join(dir, `${name}.json`), 'utf8').replace(/(?<=[:\[,]\s*)(-?Infinity|NaN)(?=\s*[,\]}])/g, '"$1"');
+  const json = JSON.parse(text);
   const { tensors } = await native().readSafetensors(path.join(dir, `${name}.safetensors`));
   return { name, json, tensors };
 }
