@@ -15,6 +15,7 @@
 #include "bindings.h"
 #include "js_tensor.h"
 #include "model.h"
+#include "model_handle.h"
 #include "safetensors.h"
 #include "weights.h"
 #include "worker.h"
@@ -103,15 +104,6 @@ namespace {
 
 struct AddonData {
   Napi::FunctionReference model_handle;
-};
-
-// A loaded model shared by the handle and its in-flight jobs; the mutex serialises jobs, so one
-// handle can take concurrent calls from JS without two threads in the same module.
-struct LoadedModel {
-  std::string kind;
-  std::shared_ptr<NativeModel> model;
-  at::TensorOptions opts;
-  std::mutex mutex;
 };
 
 at::TensorOptions parse_options(Napi::Env env, const Napi::Value& v) {
@@ -293,6 +285,9 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
   }
 
   std::shared_ptr<LoadedModel> model_;
+
+ public:
+  std::shared_ptr<LoadedModel> loaded() const { return model_; }
 };
 
 Napi::Value LoadModel(const Napi::CallbackInfo& info) {
@@ -349,6 +344,17 @@ Napi::Value DescribeModel(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+std::shared_ptr<LoadedModel> unwrap_model(const Napi::Value& value, const std::string& what, const std::string& kind) {
+  Napi::Env env = value.Env();
+  auto* data = env.GetInstanceData<AddonData>();
+  if (!value.IsObject() || !value.As<Napi::Object>().InstanceOf(data->model_handle.Value()))
+    throw Napi::TypeError::New(env, "Expected a loaded " + kind + " model for " + what);
+  std::shared_ptr<LoadedModel> m = ModelHandle::Unwrap(value.As<Napi::Object>())->loaded();
+  if (!m) throw Napi::Error::New(env, what + ": this model was disposed");
+  if (m->kind != kind) throw Napi::TypeError::New(env, "Expected a " + kind + " model for " + what + " but received a " + m->kind + " model");
+  return m;
+}
 
 void register_models(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
