@@ -14,3 +14,6 @@ export type { DTypeOption, LoadOptions, PipelineLoadOptions } from './models';
 export { readConfig, resolveConfig } from './config';
 export type { Config, ModelKind } from './config';
 export { hubCacheDir, resolveModelPath } from './model-files';
+export { ddpmAddNoise, resolveSchedulerConfig, schedulerInfo, schedulerTrajectory, SCHEDULER_NAMES } from './schedulers';
+export type { SchedulerName } from './schedulers';
+export { applyLora, clearLora, collectLora, createLora, saveLora, setLora } from './lora';
