@@ -17,3 +17,7 @@ export { hubCacheDir, resolveModelPath } from './model-files';
 export { ddpmAddNoise, resolveSchedulerConfig, schedulerInfo, schedulerTrajectory, SCHEDULER_NAMES } from './schedulers';
 export type { SchedulerName } from './schedulers';
 export { applyLora, clearLora, collectLora, createLora, saveLora, setLora } from './lora';
+export { clipPreprocess, loadTrainingInputs, preprocessBatch, readPreprocessorConfig, resolvePreprocessorConfig, vitPreprocess } from './image';
+export type { ImageInput, ImageProcessorConfig, ImageTensor } from './image';
+export { formatParameters, generate, toPng } from './generate';
+export { readPngText } from './png';

@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import * as yaml from 'js-yaml';
 import { Config, ModelKind, readConfig, resolveConfig } from './config';
 import { invalidParameterError, SingleInsertError } from './errors';
+import { generate, GenerateOptions, GenerateResult, GenerateRunOptions } from './generate';
 import { configsFromOriginalYaml, folderWeightMap, singleFileWeightMap, unknownSingleFileKeys, WeightMap } from './keymap';
 import { componentWeightFiles, resolveModelPath } from './model-files';
 import { native, NativeModelHandle, NativeTensor, packageRoot, Tensor, withCallerStack } from './native';
@@ -139,6 +140,11 @@ export class Pipeline {
       inputIds.forEach((id, i) => (ids[b * 77 + i] = BigInt(id)));
     });
     return this.encodeIds({ data: ids, shape: [prompts.length, 77] });
+  }
+
+  /** Text to image; see lib/generate.ts. */
+  generate(options: GenerateOptions, run?: GenerateRunOptions): Promise<GenerateResult> {
+    return generate(this, options, run);
   }
 
   dispose(): void {

@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { types } from 'node:util';
 import { SingleInsertError } from './errors';
 
 /** A tensor as it crosses the native boundary. F16/BF16 travel as Uint16Array bit patterns. */
@@ -35,6 +36,39 @@ export interface NativeModelHandle {
   dispose(): void;
 }
 
+/** native/generate.cc: options of one generation job (lib/generate.ts validates them first). */
+export interface NativeGenerateOptions {
+  /** [B, 77, C] text encoder output for the prompts */
+  promptEmbeds: Tensor;
+  /** [B, 77, C] for the negative prompts; required when guidance > 1 (classifier-free guidance) */
+  negativeEmbeds?: Tensor;
+  guidance: number;
+  steps: number;
+  scheduler: string;
+  /** JSON text of the config resolved for `scheduler` (lib/schedulers.ts resolveSchedulerConfig) */
+  schedulerConfig: string;
+  eta?: number;
+  height: number;
+  width: number;
+  /** initial latents [B, 4, H/8, W/8]; otherwise drawn from `seed` */
+  latents?: Tensor;
+  seed?: number;
+  returnIntermediates?: boolean;
+}
+export interface NativeGenerateResult {
+  /** [B, H, W, 3] float32 in [0, 1] */
+  images: NativeTensor;
+  /** final latents [B, 4, H/8, W/8] float32 */
+  latents: NativeTensor;
+  /** with returnIntermediates: timesteps, initial_latents, unet_inputs, unet_outputs, noise_pred_guided, latents_after_step, decoded_raw */
+  intermediates?: Record<string, NativeTensor>;
+}
+/** A running generation: `cancel()` makes `promise` reject (error.cancelled === true) before the next UNet call. */
+export interface NativeGenerateJob {
+  promise: Promise<NativeGenerateResult>;
+  cancel(): void;
+}
+
 /** The raw addon surface. Use the typed wrappers in lib/ rather than this directly. */
 export interface NativeAddon {
   buildInfo(): BuildInfo;
@@ -47,6 +81,15 @@ export interface NativeAddon {
     options?: { device?: string; dtype?: 'F32' | 'F16' | 'BF16' },
   ): Promise<NativeModelHandle>;
   describeModel(kind: string, configJson: string): Array<[string, number[]]>;
+  /** onProgress(step, total, elapsedSec) after each UNet call, always before the promise settles */
+  generate(
+    unet: NativeModelHandle,
+    vae: NativeModelHandle,
+    options: NativeGenerateOptions,
+    onProgress?: (step: number, total: number, elapsedSec: number) => void,
+  ): NativeGenerateJob;
+  /** at::randn(shape) float32 on a CPU generator seeded with `seed` (= torch.Generator().manual_seed(seed)) */
+  seededRandn(shape: number[], seed: number): NativeTensor;
 }
 
 export const packageRoot = path.resolve(__dirname, fs.existsSync(path.resolve(__dirname, '..', 'package.json')) ? '..' : '../..');
@@ -86,8 +129,10 @@ export async function withCallerStack<T>(promise: Promise<T>, callerStack: Error
   try {
     return await promise;
   } catch (e) {
-    if (e instanceof Error && callerStack.stack) {
-      e.stack = `${e.name}: ${e.message}\n${callerStack.stack.split('\n').slice(1).join('\n')}`;
+    // (isNativeError, not instanceof: errors made by the addon can come from another realm, e.g. under jest)
+    if ((e instanceof Error || types.isNativeError(e)) && callerStack.stack) {
+      const err = e as Error;
+      err.stack = `${err.name}: ${err.message}\n${callerStack.stack.split('\n').slice(1).join('\n')}`;
     }
     throw e;
   }

@@ -36,15 +36,18 @@ function checkPath(p: unknown, name: string): string {
   return p;
 }
 
-/** Reads every tensor of a .safetensors file (F16/BF16 as Uint16Array bit patterns, I64 as BigInt64Array). */
-export function readSafetensors(file: string): Promise<SafetensorsContents> {
+/**
+ * Reads every tensor of a .safetensors file (F16/BF16 as Uint16Array bit patterns, I64 as BigInt64Array).
+ * Async like writeSafetensors: a bad argument rejects the promise instead of throwing synchronously.
+ */
+export async function readSafetensors(file: string): Promise<SafetensorsContents> {
   checkPath(file, 'path');
   const stack = new Error();
   return withCallerStack(native().readSafetensors(file), stack) as Promise<SafetensorsContents>;
 }
 
 /** Reads only the header: names, dtypes, shapes, byte lengths and metadata. */
-export function readSafetensorsHeader(file: string): Promise<SafetensorsHeader> {
+export async function readSafetensorsHeader(file: string): Promise<SafetensorsHeader> {
   checkPath(file, 'path');
   const stack = new Error();
   return withCallerStack(native().readSafetensors(file, true), stack) as Promise<SafetensorsHeader>;
@@ -79,15 +82,19 @@ export async function writeSafetensors(file: string, tensors: Record<string, Ten
       throw new SingleInsertError(`Expected ${numel} elements for ${where}.data (shape [${t.shape}]) but received ${t.data.length}`);
     }
   }
+  if (metadata === null || typeof metadata !== 'object') throw invalidParameterError('metadata', 'an object of strings', metadata);
   for (const [k, v] of Object.entries(metadata)) {
     if (typeof v !== 'string') throw invalidParameterError(`metadata[${JSON.stringify(k)}]`, 'a string', v);
   }
   const dir = path.dirname(path.resolve(file));
   if (!fs.existsSync(dir)) throw new SingleInsertError(`Cannot write ${file}: the folder ${dir} does not exist`);
-  const withDtypes: Record<string, Tensor> = {};
+  // Own keys only, on null-prototype objects: the addon enumerates like for...in, and a name such as
+  // "__proto__" must stay an ordinary key (on a plain object it would replace the prototype).
+  const withDtypes: Record<string, Tensor> = Object.create(null);
   for (const [name, t] of Object.entries(tensors)) withDtypes[name] = { ...t, dtype: t.dtype ?? defaultDtype(t.data) };
+  const ownMetadata: Record<string, string> = Object.assign(Object.create(null), metadata);
   const stack = new Error();
-  await withCallerStack(native().writeSafetensors(file, withDtypes, metadata), stack);
+  await withCallerStack(native().writeSafetensors(file, withDtypes, ownMetadata), stack);
 }
 
 /** Total element count of a shape. */

@@ -24,9 +24,16 @@ std::string string_arg(const Napi::CallbackInfo& info, size_t i, const char* wha
   return info[i].As<Napi::String>().Utf8Value();
 }
 
+// Keys come from the file, so define own properties: a plain Set("__proto__", v) would replace the
+// object's prototype and the entry would vanish.
+void set_own(Napi::Object o, const std::string& key, Napi::Value value) {
+  o.DefineProperty(Napi::PropertyDescriptor::Value(
+      key, value, static_cast<napi_property_attributes>(napi_writable | napi_enumerable | napi_configurable)));
+}
+
 Napi::Object metadata_to_js(Napi::Env env, const std::map<std::string, std::string>& m) {
   Napi::Object o = Napi::Object::New(env);
-  for (const auto& [k, v] : m) o.Set(k, v);
+  for (const auto& [k, v] : m) set_own(o, k, Napi::String::New(env, v));
   return o;
 }
 
@@ -54,10 +61,10 @@ class ReadWorker : public PromiseWorker {
         for (size_t i = 0; i < t.shape.size(); ++i) shape.Set(static_cast<uint32_t>(i), static_cast<double>(t.shape[i]));
         o.Set("shape", shape);
         o.Set("byteLength", static_cast<double>(t.end - t.begin));
-        tensors.Set(t.name, o);
+        set_own(tensors, t.name, o);
       }
     } else {
-      for (const auto& [name, t] : tensors_) tensors.Set(name, tensor_to_js(env, t));
+      for (const auto& [name, t] : tensors_) set_own(tensors, name, tensor_to_js(env, t));
     }
     out.Set("tensors", tensors);
     return out;

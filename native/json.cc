@@ -147,6 +147,32 @@ class Parser {
     }
   }
 
+  // Length of the well-formed UTF-8 sequence at i_ (no overlongs, surrogates or code points
+  // above U+10FFFF), 0 when it is not one.
+  size_t utf8_sequence_length() const {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(s_ + i_);
+    size_t avail = n_ - i_;
+    unsigned char b = p[0];
+    size_t len;
+    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (b >= 0xC2 && b <= 0xDF) len = 2;
+    else if (b >= 0xE0 && b <= 0xEF) {
+      len = 3;
+      if (b == 0xE0) lo = 0xA0;
+      if (b == 0xED) hi = 0x9F;
+    } else if (b >= 0xF0 && b <= 0xF4) {
+      len = 4;
+      if (b == 0xF0) lo = 0x90;
+      if (b == 0xF4) hi = 0x8F;
+    } else {
+      return 0;
+    }
+    if (avail < len || p[1] < lo || p[1] > hi) return 0;
+    for (size_t k = 2; k < len; ++k)
+      if ((p[k] & 0xC0) != 0x80) return 0;
+    return len;
+  }
+
   unsigned hex4() {
     if (i_ + 4 > n_) fail("truncated \\u escape");
     unsigned v = 0;
@@ -169,6 +195,16 @@ class Parser {
       char c = s_[i_++];
       if (c == '"') break;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+      if (static_cast<unsigned char>(c) >= 0x80) {
+        // JSON text is UTF-8 (RFC 8259, and the reference reader rejects other headers): copy one
+        // well-formed sequence, so names and metadata reach JS unchanged.
+        --i_;
+        size_t len = utf8_sequence_length();
+        if (len == 0) fail("invalid UTF-8 in string");
+        out.append(s_ + i_, len);
+        i_ += len;
+        continue;
+      }
       if (c != '\\') { out += c; continue; }
       if (i_ >= n_) fail("unterminated escape");
       char e = s_[i_++];
@@ -189,6 +225,8 @@ class Parser {
             if (lo < 0xDC00 || lo > 0xDFFF) fail("invalid surrogate pair");
             cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
           }
+          // a surrogate left over has no UTF-8 encoding
+          if (cp >= 0xD800 && cp <= 0xDFFF) fail("lone surrogate in \\u escape");
           append_utf8(out, cp);
           break;
         }

@@ -17,8 +17,9 @@ namespace si {
 
 namespace {
 
-// The reference implementation refuses headers over 100 MB; real SD checkpoints have ~200 KB.
-constexpr uint64_t kMaxHeaderBytes = 100ull * 1024 * 1024;
+// The reference implementation (safetensors' MAX_HEADER_SIZE) refuses headers over 100,000,000 bytes;
+// real SD checkpoints have ~200 KB.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 struct DTypeEntry {
   const char* name;

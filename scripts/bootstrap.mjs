@@ -95,7 +95,7 @@ function ensureTypescript() {
 async function ensureAddon(torch) {
   const addon = path.join(root, 'build', 'Release', 'singleinsert_native.node');
   const torchStamp = path.join(root, 'build', 'libtorch.txt');
-  const want = `${torch.source} ${torch.prefix ?? ''}`;
+  const want = `${torch.source} ${torch.prefix ?? ''}`.trim();
   const newest = Math.max(newestMtime(path.join(root, 'native'), () => true), mtime(path.join(root, 'CMakeLists.txt')));
   const stampOk = fs.existsSync(torchStamp) && fs.readFileSync(torchStamp, 'utf8').trim() === want;
   if (fs.existsSync(addon) && mtime(addon) >= newest && stampOk) return;

@@ -116,6 +116,17 @@ const RUNNERS = {
     return prefixed(out, Object.fromEntries(outputs.map((k) => [k, 'output.'])), 'intermediate.');
   },
 
+  // CLIPImageProcessor on the case's PNGs: output.pixel_values<i> for each stage image<i>
+  async clip_image_processor({ lib, json, fixtures }) {
+    const config = lib.resolvePreprocessorConfig(json.call.config, 'clip', 'case config');
+    const out = {};
+    for (const [key, stage] of Object.entries(json.call.stages)) {
+      const t = await lib.clipPreprocess(path.join(fixtures, stage.input_png), config);
+      out[`output.pixel_values${key.replace('image', '')}`] = { dtype: 'F32', shape: [1, ...t.shape], data: t.data };
+    }
+    return out;
+  },
+
   async scheduler({ lib, model, inputs, json, name }) {
     const m = name.match(/^scheduler_(.+)_(\d+)$/);
     const steps = Number(m[2]);
@@ -141,6 +152,35 @@ const RUNNERS = {
       'output.betas': f32(info.betas, [info.betas.length]),
       'output.alphas_cumprod': f32(info.alphasCumprod, [info.alphasCumprod.length]),
     };
+  },
+
+  // StableDiffusionPipeline.__call__ with given latents; the scheduler class names the sampler
+  async pipeline({ lib, model, inputs, json }) {
+    const args = json.call.args;
+    const cls = (json.call.scheduler ?? 'PNDMScheduler').match(/^(\w+)Scheduler/)?.[1];
+    const scheduler = { DDIM: 'ddim', PNDM: 'pndm', EulerDiscrete: 'euler', DPMSolverMultistep: 'dpmpp-2m' }[cls];
+    if (!scheduler) throw new Unsupported(`scheduler ${json.call.scheduler} is not supported by the runner`);
+    const p = await lib.loadPipeline(model);
+    const result = await lib.generate(p, {
+      prompt: args.prompt,
+      negativePrompt: args.negative_prompt ?? '',
+      guidance: args.guidance_scale,
+      steps: args.num_inference_steps,
+      width: args.width,
+      height: args.height,
+      eta: args.eta ?? 0,
+      scheduler,
+      latents: inputs['input.latents'],
+      returnIntermediates: true,
+    });
+    p.dispose();
+    const [img] = result.images;
+    const B = result.images.length;
+    const image = new Float32Array(B * img.float.length);
+    result.images.forEach((im, i) => image.set(im.float, i * im.float.length));
+    const out = { 'output.image': { dtype: 'F32', shape: [B, img.height, img.width, 3], data: image } };
+    for (const [k, v] of Object.entries(result.intermediates)) out[`intermediate.${k}`] = v;
+    return out;
   },
 
   async lora_outputs({ lib, model, inputs, fixtures, json }) {

@@ -3,6 +3,7 @@
  * exit code; handlers throw. Errors print one clear line (the stack only with --verbose).
  */
 import yargs from 'yargs';
+import * as generate from './commands/generate';
 import * as info from './commands/info';
 import * as inspect from './commands/inspect';
 import * as tokenize from './commands/tokenize';
@@ -12,16 +13,32 @@ export function buildCli(argv: string[]) {
   return yargs(argv)
     .scriptName('singleinsert-native')
     .usage('$0 <command> [options]\n\nSingleInsert for Stable Diffusion v1.5: learn a concept from one image, then generate edits of it.')
+    .command(generate)
     .command(inspect)
     .command(tokenize)
     .command(info)
     .option('verbose', { type: 'boolean', default: false, describe: 'print stack traces and extra detail' })
-    .demandCommand(1, 'Name a command (see --help)')
+    .demandCommand(1, 'Name a command')
     .strict()
+    // "Unknown command: x" (and "Did you mean inspect?") rather than "Unknown argument: x"
+    .strictCommands()
+    .recommendCommands()
     .version(false)
     .option('version', { type: 'boolean', describe: 'print the version (with --verbose: libtorch and device details)' })
     .help()
-    .fail(false);
+    // With .fail(false) yargs throws a plain Error for usage mistakes, which main() could not tell
+    // from a crash; a UsageError is printed as one line with a pointer to --help.
+    .fail((msg, err) => {
+      throw err ?? new UsageError(msg);
+    });
+}
+
+/** A mistake on the command line (unknown command or option, missing argument). */
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(`${message} (see singleinsert-native --help)`);
+    this.name = 'UsageError';
+  }
 }
 
 export async function main(argv: string[]): Promise<void> {
@@ -34,7 +51,7 @@ export async function main(argv: string[]): Promise<void> {
     await buildCli(argv).parseAsync();
   } catch (e) {
     const err = e as Error;
-    const known = err instanceof SingleInsertError || err.name === 'YError' || err.name === 'AbortError';
+    const known = err instanceof SingleInsertError || err.name === 'UsageError' || err.name === 'YError' || err.name === 'AbortError';
     process.stderr.write(`singleinsert-native: ${verbose && err.stack ? err.stack : err.message}\n`);
     if (!known && !verbose) process.stderr.write('(run with --verbose for the stack trace)\n');
     process.exitCode = err.name === 'AbortError' ? 130 : 1;

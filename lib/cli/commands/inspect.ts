@@ -132,7 +132,8 @@ export function formatReport(r: FileReport | FolderReport): string {
     for (const c of r.components) {
       const cls = c.class ?? '(none)';
       const params = c.tensors ? fmt(c.parameters) : '-';
-      lines.push(`${c.name.padEnd(w)}  ${cls.padEnd(22)}  ${params.padStart(13)}  ${c.weights.join(', ')}${c.dtypes.length ? ` (${c.dtypes.join(', ')})` : ''}`);
+      const weights = `${c.weights.join(', ')}${c.dtypes.length ? ` (${c.dtypes.join(', ')})` : ''}`;
+      lines.push(`${c.name.padEnd(w)}  ${cls.padEnd(22)}  ${params.padStart(13)}  ${weights}`.trimEnd());
     }
     lines.push(`total: ${fmt(r.totals.parameters)} parameters`);
   }

@@ -1,0 +1,376 @@
+/**
+ * Text to image with a loaded pipeline: diffusers 0.25.1 `StableDiffusionPipeline.__call__` with
+ * classifier-free guidance. The prompts are tokenized and encoded here; the sampling loop and the
+ * VAE decode run in one native job (native/generate.cc) that reports progress per UNet call and
+ * can be cancelled with an AbortSignal.
+ *
+ * Every option is validated before any native work, with the wording of lib/errors.ts.
+ *
+ * Seeds: the initial latents are `torch.randn([B,4,H/8,W/8], generator=torch.Generator().manual_seed(seed))`
+ * (a float32 draw on a CPU generator, moved to the device), so a seed gives the same image as
+ * diffusers with a CPU generator, and the same image on CPU and CUDA up to kernel differences.
+ */
+import { randomInt } from 'node:crypto';
+import * as path from 'node:path';
+import { AbortError, describeValue, invalidParameterError, SingleInsertError } from './errors';
+import type { Model, Pipeline } from './models';
+import { native, NativeModelHandle, NativeTensor, Tensor, withCallerStack } from './native';
+import { encodePng } from './png';
+import { resolveSchedulerConfig, SchedulerName, schedulerName } from './schedulers';
+import { CLIP_MAX_LENGTH } from './tokenizer';
+
+/** diffusers' defaults for StableDiffusionPipeline.__call__ (and PNDM, the scheduler SD v1.5 ships). */
+export const DEFAULT_STEPS = 50;
+export const DEFAULT_GUIDANCE = 7.5;
+export const DEFAULT_SCHEDULER: SchedulerName = 'pndm';
+/** A1111 and most UIs use 32-bit seeds; any non-negative safe integer is accepted. */
+const RANDOM_SEED_LIMIT = 2 ** 32;
+
+export interface GenerateOptions {
+  /** one prompt, or one per image group */
+  prompt: string | string[];
+  /** default "": one string for every prompt, or one per prompt */
+  negativePrompt?: string | string[];
+  /** denoising steps (PNDM calls the UNet once more); default 50 */
+  steps?: number;
+  /** classifier-free guidance scale; at 1 or below the negative prompt is not used (diffusers); default 7.5 */
+  guidance?: number;
+  /** ddim | pndm | euler | dpmpp-2m (alias dpmsolver_multistep); default pndm */
+  scheduler?: string;
+  /** default: random, reported back in the result */
+  seed?: number;
+  /** multiples of 8; default: the UNet's sample_size * 8 (512 for SD v1.5), like diffusers */
+  width?: number;
+  height?: number;
+  /** images per prompt; default 1 */
+  numImages?: number;
+  /** DDIM's eta (0 = deterministic DDIM); default 0 */
+  eta?: number;
+  /** initial latents [B, 4, H/8, W/8] (B = prompts x numImages) instead of a seeded draw */
+  latents?: Tensor;
+  /** also return every intermediate tensor (for parity tests and debugging) */
+  returnIntermediates?: boolean;
+}
+
+export interface GenerateProgress {
+  /** UNet calls done */
+  step: number;
+  /** UNet calls in total (steps, or steps + 1 for PNDM) */
+  steps: number;
+  elapsedSec: number;
+  itPerSec: number;
+  etaSec: number;
+}
+
+export interface GenerateRunOptions {
+  /** aborting rejects the promise with an AbortError before the next UNet call */
+  signal?: AbortSignal;
+  /** after every UNet call, always before the promise settles; a throw here cancels the run and rejects with it */
+  onProgress?: (e: GenerateProgress) => void;
+}
+
+export interface GeneratedImage {
+  width: number;
+  height: number;
+  /** HWC uint8, `(x * 255).round()` as diffusers' numpy_to_pil */
+  rgb: Uint8Array;
+  /** HWC float32 in [0, 1], diffusers' output_type="np" */
+  float: Float32Array;
+  prompt: string;
+  negativePrompt: string;
+  /** position in the batch */
+  index: number;
+  /** A1111-style generation parameters for this image */
+  parameters: string;
+}
+
+export interface GenerateResult {
+  images: GeneratedImage[];
+  seed: number;
+  /** the first image's parameters (all images share them unless several prompts were given) */
+  parameters: string;
+  /** final latents [B, 4, H/8, W/8] */
+  latents: NativeTensor;
+  /** e.g. prompts truncated to CLIP's 77 tokens */
+  warnings: string[];
+  /**
+   * with returnIntermediates: prompt_ids, negative_prompt_ids (when guided), prompt_embeds,
+   * negative_prompt_embeds (when guided), timesteps, initial_latents, unet_inputs, unet_outputs,
+   * noise_pred_guided, latents_after_step, decoded_raw
+   */
+  intermediates?: Record<string, NativeTensor>;
+}
+
+/** A1111's names for our samplers (PNDM without PRK steps is what it calls PLMS). */
+const SAMPLER_LABELS: Record<SchedulerName, string> = { ddim: 'DDIM', pndm: 'PLMS', euler: 'Euler', 'dpmpp-2m': 'DPM++ 2M' };
+
+interface Validated {
+  prompts: string[];
+  negatives: string[];
+  steps: number;
+  guidance: number;
+  scheduler: SchedulerName;
+  schedulerConfig: string;
+  seed: number;
+  width: number;
+  height: number;
+  numImages: number;
+  eta: number;
+  latents?: Tensor;
+  returnIntermediates: boolean;
+  signal?: AbortSignal;
+  onProgress?: (e: GenerateProgress) => void;
+}
+
+const isPositiveInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v) && v >= 1;
+
+function validate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRunOptions): Validated {
+  if (options === null || typeof options !== 'object') throw invalidParameterError('options', 'an object', options);
+  if (run === null || typeof run !== 'object') throw invalidParameterError('run options', 'an object', run);
+
+  const { prompt } = options;
+  const prompts = Array.isArray(prompt) ? prompt : [prompt];
+  if (prompts.length === 0 || !prompts.every((p) => typeof p === 'string')) throw invalidParameterError('prompt', 'a string or a non-empty array of strings', prompt);
+
+  const negative = options.negativePrompt ?? '';
+  let negatives: string[];
+  if (typeof negative === 'string') negatives = prompts.map(() => negative);
+  else if (Array.isArray(negative) && negative.length === prompts.length && negative.every((p) => typeof p === 'string')) negatives = negative;
+  else throw invalidParameterError('negativePrompt', `a string or an array of ${prompts.length} string(s), one per prompt`, negative);
+
+  const scheduler = schedulerName(options.scheduler ?? DEFAULT_SCHEDULER);
+  let resolved;
+  try {
+    resolved = resolveSchedulerConfig(pipeline.schedulerConfig, `${pipeline.modelPath} scheduler config`, scheduler);
+  } catch (e) {
+    throw new SingleInsertError((e as Error).message);
+  }
+
+  const steps = options.steps ?? DEFAULT_STEPS;
+  if (!isPositiveInt(steps) || steps > resolved.num_train_timesteps) {
+    throw invalidParameterError('steps', `an integer between 1 and ${resolved.num_train_timesteps}`, steps);
+  }
+  const guidance = options.guidance ?? DEFAULT_GUIDANCE;
+  if (typeof guidance !== 'number' || !Number.isFinite(guidance) || guidance < 0) throw invalidParameterError('guidance', 'a finite number >= 0', guidance);
+  const eta = options.eta ?? 0;
+  if (typeof eta !== 'number' || !Number.isFinite(eta) || eta < 0) throw invalidParameterError('eta', 'a finite number >= 0', eta);
+  if (eta !== 0 && scheduler !== 'ddim') throw invalidParameterError('eta', `0 with the ${scheduler} scheduler (eta is a DDIM option)`, eta);
+
+  // diffusers: height = height or unet.config.sample_size * vae_scale_factor
+  const factor = 2 ** ((pipeline.vae.config.block_out_channels as number[]).length - 1);
+  const defaultSize = (pipeline.unet.config.sample_size as number) * factor;
+  const width = options.width ?? defaultSize;
+  const height = options.height ?? defaultSize;
+  if (!isPositiveInt(width) || width % factor !== 0) throw invalidParameterError('width', `a positive multiple of ${factor}`, width);
+  if (!isPositiveInt(height) || height % factor !== 0) throw invalidParameterError('height', `a positive multiple of ${factor}`, height);
+
+  const numImages = options.numImages ?? 1;
+  if (!isPositiveInt(numImages)) throw invalidParameterError('numImages', 'a positive integer', numImages);
+
+  let seed = options.seed;
+  if (seed === undefined) seed = randomInt(0, RANDOM_SEED_LIMIT);
+  else if (typeof seed !== 'number' || !Number.isSafeInteger(seed) || seed < 0) throw invalidParameterError('seed', `an integer between 0 and ${Number.MAX_SAFE_INTEGER}`, seed);
+
+  const latents = options.latents;
+  if (latents !== undefined) {
+    const shape = [prompts.length * numImages, pipeline.unet.config.in_channels as number, height / factor, width / factor];
+    // the tag, not instanceof: arrays made by the addon or another realm (jest's vm) are Float32Arrays too
+    const isF32 = (d: unknown) => Object.prototype.toString.call(d) === '[object Float32Array]';
+    const ok =
+      latents !== null && typeof latents === 'object' && isF32(latents.data) && Array.isArray(latents.shape) && latents.shape.length === 4 &&
+      latents.shape.every((d, i) => d === shape[i]) && latents.data.length === shape.reduce((a, b) => a * b, 1) &&
+      (latents.dtype === undefined || latents.dtype === 'F32');
+    if (!ok) {
+      const got = latents !== null && typeof latents === 'object' && Array.isArray(latents.shape) ? `a ${isF32(latents.data) ? 'float32' : 'non-float32'} tensor of shape [${latents.shape.join(', ')}]` : describeValue(latents);
+      throw new SingleInsertError(`Expected a float32 tensor of shape [${shape.join(', ')}] for latents but received ${got}`);
+    }
+  }
+  const returnIntermediates = options.returnIntermediates ?? false;
+  if (typeof returnIntermediates !== 'boolean') throw invalidParameterError('returnIntermediates', 'a boolean', returnIntermediates);
+
+  const { signal, onProgress } = run;
+  const isSignal = (x: unknown) => x instanceof AbortSignal || Object.prototype.toString.call(x) === '[object AbortSignal]';
+  if (signal !== undefined && !isSignal(signal)) throw invalidParameterError('signal', 'an AbortSignal', signal);
+  if (onProgress !== undefined && typeof onProgress !== 'function') throw invalidParameterError('onProgress', 'a function', onProgress);
+
+  return {
+    prompts, negatives, steps, guidance, scheduler, schedulerConfig: JSON.stringify(resolved), seed, width, height, numImages, eta,
+    latents, returnIntermediates, signal, onProgress,
+  };
+}
+
+/** The native handle of a loaded model (throws when it was disposed). */
+function nativeHandle(model: Model): NativeModelHandle {
+  // Model keeps its handle private; generation is the one other module that passes it to the addon.
+  const handle = (model as unknown as { handle: NativeModelHandle | null }).handle;
+  if (!handle) throw new SingleInsertError(`The ${model.kind} model from ${model.source} was disposed`);
+  return handle;
+}
+
+/** The last path part that names the model: "tiny-sd", "org/name" for a hub cache snapshot, or the checkpoint's file name. */
+export function modelLabel(modelPath: string): string {
+  const hub = /models--([^/\\]+)[/\\]snapshots[/\\]/.exec(modelPath);
+  if (hub) return hub[1].replace('--', '/');
+  return path.basename(modelPath).replace(/\.safetensors$/i, '');
+}
+
+/**
+ * The A1111 `parameters` text: the prompt, "Negative prompt: ..." (when not empty), then
+ * "Steps: 25, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: tiny-sd".
+ */
+export function formatParameters(p: {
+  prompt: string;
+  negativePrompt?: string;
+  steps: number;
+  scheduler: SchedulerName;
+  guidance: number;
+  seed: number;
+  width: number;
+  height: number;
+  model: string;
+  eta?: number;
+}): string {
+  const settings = [
+    `Steps: ${p.steps}`,
+    `Sampler: ${SAMPLER_LABELS[p.scheduler]}`,
+    `CFG scale: ${p.guidance}`,
+    `Seed: ${p.seed}`,
+    `Size: ${p.width}x${p.height}`,
+    `Model: ${p.model}`,
+  ];
+  if (p.eta) settings.push(`Eta: ${p.eta}`);
+  return [p.prompt, ...(p.negativePrompt ? [`Negative prompt: ${p.negativePrompt}`] : []), settings.join(', ')].join('\n');
+}
+
+/** numpy's round (half to even) of the float32 product x * 255, as diffusers' numpy_to_pil computes it. */
+function toUint8(x: number): number {
+  const v = Math.fround(x * 255);
+  let r = Math.round(v);
+  if (r - v === 0.5 && r % 2 !== 0) r -= 1; // Math.round rounds .5 up; numpy rounds to even
+  return Math.min(255, Math.max(0, r));
+}
+
+function ids(pipeline: Pipeline, texts: string[], what: string, warnings: string[]): BigInt64Array {
+  const out = new BigInt64Array(texts.length * CLIP_MAX_LENGTH);
+  texts.forEach((text, b) => {
+    const r = pipeline.tokenizer.call(text);
+    if (r.inputIds.length !== CLIP_MAX_LENGTH) throw new SingleInsertError(`The tokenizer gave ${r.inputIds.length} ids for the ${what}, expected ${CLIP_MAX_LENGTH}`);
+    if (r.truncated) {
+      // diffusers' wording (pipeline_stable_diffusion.py encode_prompt)
+      warnings.push(`The following part of your ${what} was truncated because CLIP can only handle sequences up to ${CLIP_MAX_LENGTH} tokens: ${r.truncatedText}`);
+    }
+    r.inputIds.forEach((id, i) => (out[b * CLIP_MAX_LENGTH + i] = BigInt(id)));
+  });
+  return out;
+}
+
+/** Rows [start, start+count) of a [N, ...] float32 tensor, each repeated `times` times (num_images_per_prompt). */
+function rowsRepeated(t: NativeTensor, start: number, count: number, times: number): Tensor {
+  const row = t.shape.slice(1).reduce((a, b) => a * b, 1);
+  const src = t.data as Float32Array;
+  const out = new Float32Array(count * times * row);
+  for (let i = 0; i < count; i++) {
+    for (let k = 0; k < times; k++) out.set(src.subarray((start + i) * row, (start + i + 1) * row), (i * times + k) * row);
+  }
+  return { dtype: 'F32', shape: [count * times, ...t.shape.slice(1)], data: out };
+}
+
+/**
+ * Generates images. Rejects with a SingleInsertError for invalid options (before any native
+ * work), with an AbortError when `run.signal` aborts, and with the native error otherwise. The
+ * pipeline stays usable after any of these; concurrent calls are queued on the models' locks.
+ */
+export async function generate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRunOptions = {}): Promise<GenerateResult> {
+  const stack = new Error();
+  const v = validate(pipeline, options, run);
+  const { signal } = v;
+  if (signal?.aborted) throw new AbortError();
+  const unet = nativeHandle(pipeline.unet);
+  const vae = nativeHandle(pipeline.vae);
+  nativeHandle(pipeline.textEncoder);
+
+  // 3. encode input prompt: one text-encoder batch [negatives; prompts] (only prompts without guidance)
+  const warnings: string[] = [];
+  const P = v.prompts.length;
+  const guided = v.guidance > 1; // diffusers' do_classifier_free_guidance
+  const promptIds = ids(pipeline, v.prompts, 'prompt', warnings);
+  const negativeIds = guided ? ids(pipeline, v.negatives, 'negative prompt', warnings) : undefined;
+  const allIds = negativeIds ? new BigInt64Array([...negativeIds, ...promptIds]) : promptIds;
+  const embeds = await pipeline.encodeIds({ dtype: 'I64', shape: [allIds.length / CLIP_MAX_LENGTH, CLIP_MAX_LENGTH], data: allIds });
+  if (signal?.aborted) throw new AbortError();
+  const promptEmbeds = rowsRepeated(embeds, guided ? P : 0, P, v.numImages);
+  const negativeEmbeds = guided ? rowsRepeated(embeds, 0, P, v.numImages) : undefined;
+
+  // 5.-8. latents, denoising loop and decode, natively
+  let callbackError: { error: unknown } | undefined;
+  const onNativeProgress = v.onProgress
+    ? (step: number, total: number, elapsedSec: number) => {
+        if (callbackError) return;
+        const itPerSec = elapsedSec > 0 ? step / elapsedSec : 0;
+        const etaSec = itPerSec > 0 ? (total - step) / itPerSec : 0;
+        try {
+          v.onProgress!({ step, steps: total, elapsedSec, itPerSec, etaSec });
+        } catch (error) {
+          callbackError = { error };
+          job.cancel();
+        }
+      }
+    : undefined;
+  const job = native().generate(
+    unet,
+    vae,
+    {
+      promptEmbeds, negativeEmbeds, guidance: v.guidance, steps: v.steps, scheduler: v.scheduler, schedulerConfig: v.schedulerConfig,
+      eta: v.eta, height: v.height, width: v.width, latents: v.latents, seed: v.seed, returnIntermediates: v.returnIntermediates,
+    },
+    onNativeProgress,
+  );
+  const onAbort = () => job.cancel();
+  signal?.addEventListener('abort', onAbort, { once: true });
+  let raw;
+  try {
+    raw = await withCallerStack(job.promise, stack);
+  } catch (e) {
+    if (callbackError) throw callbackError.error;
+    if ((e as { cancelled?: boolean }).cancelled || signal?.aborted) throw new AbortError();
+    throw e;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+  }
+  if (callbackError) throw callbackError.error;
+  if (signal?.aborted) throw new AbortError();
+
+  // 9. postprocess: float NHWC -> per-image float and uint8 copies
+  const { width, height } = v;
+  const pixels = width * height * 3;
+  const all = raw.images.data as Float32Array;
+  const model = modelLabel(pipeline.modelPath);
+  const images: GeneratedImage[] = [];
+  for (let b = 0; b < P * v.numImages; b++) {
+    const float = all.slice(b * pixels, (b + 1) * pixels);
+    const rgb = new Uint8Array(pixels);
+    for (let i = 0; i < pixels; i++) rgb[i] = toUint8(float[i]);
+    const p = Math.floor(b / v.numImages);
+    const prompt = v.prompts[p];
+    const negativePrompt = guided ? v.negatives[p] : '';
+    const parameters = formatParameters({ prompt, negativePrompt, steps: v.steps, scheduler: v.scheduler, guidance: v.guidance, seed: v.seed, width, height, model, eta: v.eta });
+    images.push({ width, height, rgb, float, prompt, negativePrompt, index: b, parameters });
+  }
+  const result: GenerateResult = { images, seed: v.seed, parameters: images[0].parameters, latents: raw.latents, warnings };
+  if (v.returnIntermediates) {
+    const C = embeds.shape[2];
+    const slice = (start: number): NativeTensor => ({ dtype: 'F32', shape: [P, CLIP_MAX_LENGTH, C], data: (embeds.data as Float32Array).slice(start * CLIP_MAX_LENGTH * C, (start + P) * CLIP_MAX_LENGTH * C) });
+    const inter: Record<string, NativeTensor> = { prompt_ids: { dtype: 'I64', shape: [P, CLIP_MAX_LENGTH], data: promptIds } };
+    if (negativeIds) inter.negative_prompt_ids = { dtype: 'I64', shape: [P, CLIP_MAX_LENGTH], data: negativeIds };
+    inter.prompt_embeds = slice(guided ? P : 0);
+    if (guided) inter.negative_prompt_embeds = slice(0);
+    result.intermediates = { ...inter, ...raw.intermediates };
+  }
+  return result;
+}
+
+/** PNG bytes of a generated image with its A1111 `parameters` text chunk. */
+export function toPng(image: Pick<GeneratedImage, 'width' | 'height' | 'rgb'>, parameters?: string): Promise<Buffer> {
+  if (parameters !== undefined && typeof parameters !== 'string') return Promise.reject(invalidParameterError('parameters', 'a string', parameters));
+  return encodePng(image, parameters === undefined ? {} : { parameters });
+}
