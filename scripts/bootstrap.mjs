@@ -57,7 +57,7 @@ function ensureLibtorch() {
   log('no libtorch found: installing Debian libtorch-dev with apt (CPU, libtorch 1.13)');
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
   run('apt-get', ['update', '-q'], { env });
-  run('apt-get', ['install', '-y', '-q', '--no-install-recommends', 'libtorch-dev'], { env });
+  run('apt-get', ['install', '-y', '-q', 'libtorch-dev'], { env });
   torch = findLibtorch();
   if (!torch.source) throw new Error(`libtorch-dev was installed but still not found: ${torch.detail}`);
   return torch;
