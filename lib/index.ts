@@ -21,3 +21,6 @@ export { clipPreprocess, loadTrainingInputs, preprocessBatch, readPreprocessorCo
 export type { ImageInput, ImageProcessorConfig, ImageTensor } from './image';
 export { formatParameters, generate, toPng } from './generate';
 export { readPngText } from './png';
+export { train, Trainer, validateTrainOptions, STAGE1_DEFAULTS, STAGE2_DEFAULTS } from './train';
+export type { TrainOptions, TrainProgress, TrainResult, ConceptJson, TrainLosses } from './train';
+export { ensureTinyModel } from './tiny-model';

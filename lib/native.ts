@@ -90,6 +90,92 @@ export interface NativeAddon {
   ): NativeGenerateJob;
   /** at::randn(shape) float32 on a CPU generator seeded with `seed` (= torch.Generator().manual_seed(seed)) */
   seededRandn(shape: number[], seed: number): NativeTensor;
+  /** SingleInsert training (native/train_bindings.cc); use lib/train.ts rather than this directly. */
+  Trainer: new (options: NativeTrainerOptions) => NativeTrainer;
+  /** The computation of the singleinsert_losses golden case (native/train.h), for parity tests. */
+  singleinsertLossCase(options: NativeLossCaseOptions): Promise<Record<string, NativeTensor>>;
+}
+
+export interface NativeTrainerOptions {
+  unet: NativeModelHandle;
+  vae: NativeModelHandle;
+  textEncoder: NativeModelHandle;
+  /** resolved clip_vision config plus `head_out` (the text encoder's hidden size), as JSON */
+  encoderConfig: string;
+  /** a CLIPVisionModelWithProjection (or SingleInsert encoder) safetensors file; absent = seeded random init */
+  encoderWeights?: string;
+  /** resolved "ddpm" scheduler config (lib/schedulers.ts), as JSON */
+  scheduleConfig: string;
+  /** [1, 3, R, R] in [-1, 1] */
+  image: Tensor;
+  /** [1, 1, R/8, R/8] in [0, 1] */
+  maskLatent: Tensor;
+  /** [1, 3, S, S], CLIP-normalised */
+  encoderPixels: Tensor;
+  /** int64 [1, 77]: "* class" and "class" */
+  idsStar: Tensor;
+  idsClass: Tensor;
+  placeholderPositions: number[];
+  gamma?: number;
+  eta?: number;
+  fgNorm?: 'mean' | 'mask';
+  seed: number;
+}
+
+export interface TrainLosses {
+  fg: number;
+  bg: number;
+  sm: number;
+  total: number;
+}
+
+export interface NativeTrainerState {
+  /** the optimizer's stage: 2 once startStage2 ran */
+  stage: 1 | 2;
+  /** completed steps of stage I and stage II */
+  stepsDone: [number, number];
+  lora: { rank: number; alpha: number } | null;
+}
+
+export interface NativeTrainer {
+  init(): Promise<{ latentShape: number[]; hidden: number; encoderParameters: number; state: NativeTrainerState }>;
+  /**
+   * One AdamW step; `step` is the step's index in its stage and must equal stepsDone[stage-1]. t and
+   * noise are drawn from (seed, stage, step), unless a fixed batch (timesteps int64 [B], noise
+   * [B, 4, h, w]) is given.
+   */
+  step(options: { stage: 1 | 2; batch: number; microBatch?: number; lr: number; step: number; timesteps?: Tensor; noise?: Tensor }): Promise<{ losses: TrainLosses; gradNorm: number; state: NativeTrainerState }>;
+  startStage2(options: { rank: number; alpha?: number }): Promise<{ modules: number; parameters: number; state: NativeTrainerState }>;
+  /** the current stage's losses on a fixed batch (timesteps int64 [B], noise [B, 4, h, w]), no update */
+  evaluate(options: { timesteps: Tensor; noise: Tensor; microBatch?: number }): Promise<TrainLosses>;
+  /** the placeholder embedding [1, hidden] */
+  embedding(): Promise<NativeTensor>;
+  saveCheckpoint(dir: string, metaJson: string): Promise<void>;
+  loadCheckpoint(dir: string): Promise<{ state: NativeTrainerState; meta: string }>;
+  /** writes embedding.safetensors, lora.safetensors (after stage II started) and encoder.safetensors; returns their paths */
+  exportConcept(dir: string, metadata: Record<string, string>): Promise<string[]>;
+  /** removes the trainer's LoRA from the shared models; returns the adapters removed */
+  dispose(): Promise<number>;
+}
+
+export interface NativeLossCaseOptions {
+  unet: NativeModelHandle;
+  vae: NativeModelHandle;
+  textEncoder: NativeModelHandle;
+  scheduleConfig: string;
+  image: Tensor;
+  /** [H, W] full-resolution 0/1 mask (resized nearest), or `mask` [1, 1, h, w] */
+  mask_fullres?: Tensor;
+  mask?: Tensor;
+  timesteps: Tensor;
+  noise: Tensor;
+  input_ids_star: Tensor;
+  input_ids_class: Tensor;
+  v: Tensor;
+  /** kohya LoRA file applied to the UNet for L_sm */
+  lora: string;
+  lora_target_keys: string[];
+  star_token_id?: number;
 }
 
 export const packageRoot = path.resolve(__dirname, fs.existsSync(path.resolve(__dirname, '..', 'package.json')) ? '..' : '../..');

@@ -15,6 +15,7 @@ void register_models(Napi::Env env, Napi::Object exports);
 void register_schedulers(Napi::Env env, Napi::Object exports);
 void register_lora(Napi::Env env, Napi::Object exports);
 void register_generate(Napi::Env env, Napi::Object exports);
+void register_train(Napi::Env env, Napi::Object exports);
 
 // ModelHandle's LoRA methods (applyLora, createLora, setLora, clearLora, collectLora), defined in
 // lora_bindings.cc. `lock` is the model's job mutex, as an aliasing pointer that keeps the model alive.

@@ -88,7 +88,7 @@ describe('round trip', () => {
     for (const [name, t] of Object.entries(all)) expectSameTensor(name, back.tensors[name], t);
     // plain value equality too, for the types where it is meaningful
     expect(Array.from(back.tensors.i64.data as BigInt64Array)).toEqual(Array.from(all.i64.data as BigInt64Array));
-    expect(Array.from(back.tensors.u8.data)).toEqual([0, 1, 127, 128, 255]);
+    expect(Array.from(back.tensors.u8.data as Uint8Array)).toEqual([0, 1, 127, 128, 255]);
     expect(Object.is((back.tensors.f64.data as Float64Array)[1], -0)).toBe(true);
     expect(Number.isNaN((back.tensors.f32.data as Float32Array)[10])).toBe(true);
     expect(back.metadata).toEqual({});

@@ -7,6 +7,7 @@ import * as generate from './commands/generate';
 import * as info from './commands/info';
 import * as inspect from './commands/inspect';
 import * as tokenize from './commands/tokenize';
+import * as train from './commands/train';
 import { SingleInsertError } from '../errors';
 
 export function buildCli(argv: string[]) {
@@ -16,6 +17,7 @@ export function buildCli(argv: string[]) {
     .command(generate)
     .command(inspect)
     .command(tokenize)
+    .command(train)
     .command(info)
     .option('verbose', { type: 'boolean', default: false, describe: 'print stack traces and extra detail' })
     .demandCommand(1, 'Name a command')
