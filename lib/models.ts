@@ -56,6 +56,12 @@ export class Model {
     return withCallerStack(this.handle.run(method, inputs), stack);
   }
 
+  /** @internal The addon's handle, for native jobs that take several models (generation, training). */
+  nativeHandle(): NativeModelHandle {
+    if (!this.handle) throw new SingleInsertError(`The ${this.kind} model from ${this.source} was disposed`);
+    return this.handle;
+  }
+
   /** Every parameter under its state-dict key (a copy, in the model's dtype). */
   stateDict(): Promise<Record<string, NativeTensor>> {
     if (!this.handle) return Promise.reject(new SingleInsertError(`The ${this.kind} model from ${this.source} was disposed`));

@@ -183,6 +183,34 @@ const RUNNERS = {
     return out;
   },
 
+  // SingleInsert losses and gradients (README "singleinsert_losses"): stage I w.r.t. v, stage II
+  // (L_sm) w.r.t. the kohya LoRA tensors the recipe names
+  async singleinsert_losses({ lib, model, inputs, json, fixtures }) {
+    const recipe = (json.call.recipe ?? []).join('\n');
+    const layer = recipe.match(/'(lora_(?:unet|te)_[A-Za-z0-9_]+)\.lora_down\.weight'/)?.[1];
+    if (!layer) throw new Unsupported('the case names no LoRA tensor for the L_sm gradients');
+    const p = await lib.loadPipeline(model);
+    const native = require(path.join(root, 'dist', 'lib', 'native.js')).native();
+    const config = JSON.stringify(lib.resolveSchedulerConfig(p.schedulerConfig, 'scheduler config', 'ddpm'));
+    const out = await native.singleinsertLossCase({
+      unet: p.unet.nativeHandle(),
+      vae: p.vae.nativeHandle(),
+      textEncoder: p.textEncoder.nativeHandle(),
+      scheduleConfig: config,
+      image: inputs['input.image'],
+      mask_fullres: inputs['input.mask_fullres'],
+      timesteps: inputs['input.timesteps'],
+      noise: inputs['input.noise'],
+      input_ids_star: inputs['input.input_ids_star'],
+      input_ids_class: inputs['input.input_ids_class'],
+      v: inputs['input.v'],
+      lora: path.join(fixtures, 'lora', 'lora.safetensors'),
+      lora_target_keys: [`${layer}.lora_down.weight`, `${layer}.lora_up.weight`],
+    });
+    p.dispose();
+    return out;
+  },
+
   async lora_outputs({ lib, model, inputs, fixtures, json }) {
     const unet = await lib.loadComponent('unet', path.join(model, 'unet'));
     const te = await lib.loadComponent('clip_text', path.join(model, 'text_encoder'));

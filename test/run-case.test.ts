@@ -24,7 +24,7 @@ const SUPPORTED = [
   'text_encoder', 'text_encoder_replace_star', 'unet', 'vae', 'image_encoder', 'dino_vit',
   'scheduler_ddpm_add_noise', 'scheduler_pndm_10', 'scheduler_pndm_25', 'scheduler_ddim_10', 'scheduler_ddim_25',
   'scheduler_euler_10', 'scheduler_euler_25', 'scheduler_dpmsolver_multistep_10', 'scheduler_dpmsolver_multistep_25', 'lora_outputs',
-  'clip_image_processor_32', 'clip_image_processor_224', 'pipeline_ddim4', 'pipeline_pndm4',
+  'clip_image_processor_32', 'clip_image_processor_224', 'pipeline_ddim4', 'pipeline_pndm4', 'singleinsert_losses',
 ];
 
 describe('run-case.mjs', () => {
