@@ -10,7 +10,7 @@
 import * as fs from 'node:fs';
 import { SingleInsertError } from './errors';
 
-export type ModelKind = 'unet' | 'vae' | 'clip_text' | 'clip_vision' | 'clip' | 'vit';
+export type ModelKind = 'unet' | 'vae' | 'clip_text' | 'clip_vision' | 'clip' | 'vit' | 'lpips';
 export type Config = Record<string, unknown>;
 
 interface KeySpec {
@@ -156,6 +156,13 @@ const VIT: Record<string, KeySpec> = {
   encoder_stride: req(() => true, 'any', 16),
 };
 
+// LPIPS v0.1 with the AlexNet trunk (native/lpips.h). LPIPS ships no config file: loadLpips (lib/eval/scorers.ts)
+// reads the five conv widths off the weight file's `features.N.weight` shapes, so a width-reduced
+// trunk loads like the real one. The default is torchvision's AlexNet.
+const LPIPS: Record<string, KeySpec> = {
+  channels: req((v) => intList(v) && (v as number[]).length === 5, 'a list of 5 positive integers (the AlexNet conv widths)', [64, 192, 384, 256, 256]),
+};
+
 function resolveWith(spec: Record<string, KeySpec>, raw: Config, source: string, prefix = ''): Config {
   const out: Config = {};
   for (const [key, s] of Object.entries(spec)) {
@@ -210,6 +217,8 @@ export function resolveConfig(kind: ModelKind, raw: Config, source: string): Con
       return resolveWith(CLIP_VISION, raw, source);
     case 'vit':
       return resolveWith(VIT, raw, source);
+    case 'lpips':
+      return resolveWith(LPIPS, raw, source);
     case 'clip': {
       const text = (raw.text_config ?? {}) as Config;
       const vision = (raw.vision_config ?? {}) as Config;

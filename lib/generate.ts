@@ -50,6 +50,14 @@ export interface GenerateOptions {
   latents?: Tensor;
   /** also return every intermediate tensor (for parity tests and debugging) */
   returnIntermediates?: boolean;
+  /**
+   * Record where one prompt token attends: `tokenIndex` is its position in the 77 prompt ids (BOS is
+   * 0), one number for every prompt or one per prompt. The result then has `attentionMaps`
+   * [B, H/8, W/8]: that token's cross-attention probabilities, averaged over heads, upsampled to the
+   * latent size and summed over every cross-attention layer and UNet call (the positive half of the
+   * CFG batch). Recording does not change the images. lib/eval uses it for foreground masks.
+   */
+  recordAttention?: { tokenIndex: number | number[] };
 }
 
 export interface GenerateProgress {
@@ -93,6 +101,8 @@ export interface GenerateResult {
   latents: NativeTensor;
   /** e.g. prompts truncated to CLIP's 77 tokens */
   warnings: string[];
+  /** with recordAttention: [B, H/8, W/8] float32 (see GenerateOptions.recordAttention) */
+  attentionMaps?: NativeTensor;
   /**
    * with returnIntermediates: prompt_ids, negative_prompt_ids (when guided), prompt_embeds,
    * negative_prompt_embeds (when guided), timesteps, initial_latents, unet_inputs, unet_outputs,
@@ -118,6 +128,8 @@ interface Validated {
   eta: number;
   latents?: Tensor;
   returnIntermediates: boolean;
+  /** one prompt position per image */
+  attentionTokenIndex?: number[];
   signal?: AbortSignal;
   onProgress?: (e: GenerateProgress) => void;
 }
@@ -188,6 +200,18 @@ function validate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRun
   const returnIntermediates = options.returnIntermediates ?? false;
   if (typeof returnIntermediates !== 'boolean') throw invalidParameterError('returnIntermediates', 'a boolean', returnIntermediates);
 
+  let attentionTokenIndex: number[] | undefined;
+  if (options.recordAttention !== undefined) {
+    const r = options.recordAttention;
+    const t = r !== null && typeof r === 'object' ? r.tokenIndex : undefined;
+    const perPrompt = typeof t === 'number' ? prompts.map(() => t) : t;
+    const okIndex = (i: unknown) => Number.isInteger(i) && (i as number) >= 0 && (i as number) < CLIP_MAX_LENGTH;
+    if (!Array.isArray(perPrompt) || perPrompt.length !== prompts.length || !perPrompt.every(okIndex)) {
+      throw invalidParameterError('recordAttention.tokenIndex', `an integer between 0 and ${CLIP_MAX_LENGTH - 1}, or an array of ${prompts.length} of them (one per prompt)`, t);
+    }
+    attentionTokenIndex = perPrompt.flatMap((i) => Array(numImages).fill(i) as number[]);
+  }
+
   const { signal, onProgress } = run;
   const isSignal = (x: unknown) => x instanceof AbortSignal || Object.prototype.toString.call(x) === '[object AbortSignal]';
   if (signal !== undefined && !isSignal(signal)) throw invalidParameterError('signal', 'an AbortSignal', signal);
@@ -195,7 +219,7 @@ function validate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRun
 
   return {
     prompts, negatives, steps, guidance, scheduler, schedulerConfig: JSON.stringify(resolved), seed, width, height, numImages, eta,
-    latents, returnIntermediates, signal, onProgress,
+    latents, returnIntermediates, attentionTokenIndex, signal, onProgress,
   };
 }
 
@@ -322,6 +346,9 @@ export async function generate(pipeline: Pipeline, options: GenerateOptions, run
     {
       promptEmbeds, negativeEmbeds, guidance: v.guidance, steps: v.steps, scheduler: v.scheduler, schedulerConfig: v.schedulerConfig,
       eta: v.eta, height: v.height, width: v.width, latents: v.latents, seed: v.seed, returnIntermediates: v.returnIntermediates,
+      recordAttention: v.attentionTokenIndex
+        ? { tokenIndex: { dtype: 'I64', shape: [v.attentionTokenIndex.length], data: BigInt64Array.from(v.attentionTokenIndex, (i) => BigInt(i)) } }
+        : undefined,
     },
     onNativeProgress,
   );
@@ -357,6 +384,7 @@ export async function generate(pipeline: Pipeline, options: GenerateOptions, run
     images.push({ width, height, rgb, float, prompt, negativePrompt, index: b, parameters });
   }
   const result: GenerateResult = { images, seed: v.seed, parameters: images[0].parameters, latents: raw.latents, warnings };
+  if (raw.attention_maps) result.attentionMaps = raw.attention_maps;
   if (v.returnIntermediates) {
     const C = embeds.shape[2];
     const slice = (start: number): NativeTensor => ({ dtype: 'F32', shape: [P, CLIP_MAX_LENGTH, C], data: (embeds.data as Float32Array).slice(start * CLIP_MAX_LENGTH * C, (start + P) * CLIP_MAX_LENGTH * C) });

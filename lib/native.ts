@@ -54,6 +54,8 @@ export interface NativeGenerateOptions {
   latents?: Tensor;
   seed?: number;
   returnIntermediates?: boolean;
+  /** record the cross-attention map of one prompt position per image (int64 [B]) into `attention_maps` */
+  recordAttention?: { tokenIndex: Tensor };
 }
 export interface NativeGenerateResult {
   /** [B, H, W, 3] float32 in [0, 1] */
@@ -62,6 +64,8 @@ export interface NativeGenerateResult {
   latents: NativeTensor;
   /** with returnIntermediates: timesteps, initial_latents, unet_inputs, unet_outputs, noise_pred_guided, latents_after_step, decoded_raw */
   intermediates?: Record<string, NativeTensor>;
+  /** with recordAttention: [B, H/8, W/8] float32, the token's cross-attention summed over layers and steps */
+  attention_maps?: NativeTensor;
 }
 /** A running generation: `cancel()` makes `promise` reject (error.cancelled === true) before the next UNet call. */
 export interface NativeGenerateJob {

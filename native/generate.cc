@@ -1,9 +1,10 @@
 // Text-to-image generation (generate.h) and its JS bindings:
 //   generate(unet, vae, options, onProgress?) -> { promise, cancel }
 //     options: { promptEmbeds, negativeEmbeds?, guidance, steps, scheduler, schedulerConfig (JSON text,
-//                resolved by lib/schedulers.ts), eta, height, width, latents?, seed, returnIntermediates }
+//                resolved by lib/schedulers.ts), eta, height, width, latents?, seed, returnIntermediates,
+//                recordAttention?: { tokenIndex: int64 [B] } }
 //     onProgress(step, total, elapsedSec) after every UNet call, always before the promise settles
-//     promise -> { images [B,H,W,3] F32, latents [B,4,h,w] F32, intermediates? }
+//     promise -> { images [B,H,W,3] F32, latents [B,4,h,w] F32, intermediates?, attention_maps? [B,h,w] F32 }
 //     cancel() stops the job before its next UNet call; the promise then rejects with an Error
 //     whose `cancelled` property is true (lib/generate.ts turns it into an AbortError).
 //   seededRandn(shape, seed) -> tensor: the draw generation uses for its initial latents.
@@ -23,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "bindings.h"
 #include "js_tensor.h"
 #include "model_handle.h"
@@ -84,6 +86,14 @@ DenoiseResult denoise_latents(UNet2DConditionModelImpl& unet, const at::TensorOp
     result.intermediates["initial_latents"] = latents.to(at::kCPU);
   }
 
+  // cross-attention recording (evaluation masks): the token positions follow the CFG batch order
+  std::unique_ptr<AttentionRecorder> recorder;
+  if (params.attention_token_index.defined()) {
+    at::Tensor index = params.attention_token_index.to(at::kCPU, at::kLong).flatten();
+    TORCH_CHECK(index.size(0) == B, "attention token positions: expected one per image (", B, "), got ", index.size(0));
+    recorder = std::make_unique<AttentionRecorder>(do_cfg ? at::cat({index, index}) : index, shape[2], shape[3]);
+  }
+
   // 7. denoising loop, one iteration per model call (PNDM: steps + 1)
   const size_t n = scheduler->num_model_calls();
   for (size_t i = 0; i < n; ++i) {
@@ -116,6 +126,10 @@ DenoiseResult denoise_latents(UNet2DConditionModelImpl& unet, const at::TensorOp
     result.intermediates["unet_outputs"] = at::stack(unet_outputs);
     result.intermediates["noise_pred_guided"] = at::stack(guided);
     result.intermediates["latents_after_step"] = at::stack(after_step);
+  }
+  if (recorder) {
+    at::Tensor maps = recorder->maps();  // [2B or B, h, w]
+    result.attention_maps = do_cfg ? maps.narrow(0, B, B).contiguous() : maps;
   }
   result.latents = latents;
   return result;
@@ -209,6 +223,7 @@ class GenerateWorker : public Napi::AsyncProgressQueueWorker<ProgressEvent> {
       Napi::Object o = Napi::Object::New(env);
       o.Set("images", tensor_to_js(env, decoded_.images));
       o.Set("latents", tensor_to_js(env, denoised_.latents.to(at::kCPU, at::kFloat)));
+      if (denoised_.attention_maps.defined()) o.Set("attention_maps", tensor_to_js(env, denoised_.attention_maps));
       if (params_.record) {
         Napi::Object inter = Napi::Object::New(env);
         for (const auto& [k, v] : denoised_.intermediates) inter.Set(k, tensor_to_js(env, v));
@@ -280,6 +295,13 @@ Napi::Value Generate(const Napi::CallbackInfo& info) {
   if (has(o, "latents")) p.latents = tensor_from_js(o.Get("latents"), "options.latents");
   if (has(o, "seed")) p.seed = static_cast<uint64_t>(int_field(o, "seed", 0));
   p.record = has(o, "returnIntermediates") && o.Get("returnIntermediates").ToBoolean().Value();
+  if (has(o, "recordAttention")) {
+    if (!o.Get("recordAttention").IsObject()) throw Napi::TypeError::New(env, "Expected an object { tokenIndex } for options.recordAttention");
+    p.attention_token_index = tensor_from_js(o.Get("recordAttention").As<Napi::Object>().Get("tokenIndex"), "options.recordAttention.tokenIndex");
+    if (p.attention_token_index.scalar_type() != at::kLong || p.attention_token_index.dim() != 1 || p.prompt_embeds.dim() < 1 ||
+        p.attention_token_index.size(0) != p.prompt_embeds.size(0))
+      throw Napi::TypeError::New(env, "Expected an int64 tensor [B] (one prompt position per image) for options.recordAttention.tokenIndex");
+  }
   if (!p.prompt_embeds.is_floating_point()) throw Napi::TypeError::New(env, "Expected floating-point options.promptEmbeds");
   Napi::Function on_progress;
   if (info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsNull()) {

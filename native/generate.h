@@ -51,6 +51,9 @@ struct GenerateParams {
   at::Tensor latents;
   uint64_t seed = 0;
   bool record = false;  // keep the per-step intermediates
+  // [B] int64, one prompt position per image: record the cross-attention map of that text token
+  // (attention.h AttentionRecorder) into DenoiseResult::attention_maps. Undefined: no recording.
+  at::Tensor attention_token_index;
 };
 
 // What the loop saw (record = true), float32:
@@ -61,6 +64,10 @@ struct GenerateParams {
 struct DenoiseResult {
   at::Tensor latents;  // final latents [B, 4, h, w], float32 on the UNet's device
   TensorMap intermediates;
+  // with attention_token_index: [B, h, w] float32 on the CPU, the recorded token's cross-attention
+  // summed over layers, heads averaged, and over every model call; of the positive (prompt) half
+  // of the CFG batch
+  at::Tensor attention_maps;
 };
 
 struct DecodeResult {

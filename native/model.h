@@ -29,7 +29,7 @@ class NativeModel {
   virtual TensorMap run(const std::string& method, const TensorMap& inputs) = 0;
 };
 
-// kind: "unet" | "vae" | "clip_text" | "clip_vision" | "clip" | "vit". Builds with at::empty
+// kind: "unet" | "vae" | "clip_text" | "clip_vision" | "clip" | "vit" | "lpips". Builds with at::empty
 // weights on opts' device/dtype ("meta" for manifests); throws std::invalid_argument on an unknown kind.
 std::shared_ptr<NativeModel> make_model(const std::string& kind, const JsonValue& config, const at::TensorOptions& opts);
 
@@ -40,6 +40,7 @@ std::shared_ptr<NativeModel> make_clip_text(const JsonValue& config, const at::T
 std::shared_ptr<NativeModel> make_clip_vision(const JsonValue& config, const at::TensorOptions& opts);
 std::shared_ptr<NativeModel> make_clip(const JsonValue& config, const at::TensorOptions& opts);
 std::shared_ptr<NativeModel> make_vit(const JsonValue& config, const at::TensorOptions& opts);
+std::shared_ptr<NativeModel> make_lpips(const JsonValue& config, const at::TensorOptions& opts);
 
 // Config readers: throw std::invalid_argument("config key \"k\": ...") when absent or mistyped.
 const JsonValue& cfg_get(const JsonValue& cfg, const std::string& key);

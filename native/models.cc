@@ -31,7 +31,8 @@ std::shared_ptr<NativeModel> make_model(const std::string& kind, const JsonValue
   if (kind == "clip_vision") return make_clip_vision(config, opts);
   if (kind == "clip") return make_clip(config, opts);
   if (kind == "vit") return make_vit(config, opts);
-  throw std::invalid_argument("unknown model kind \"" + kind + "\" (expected unet, vae, clip_text, clip_vision, clip or vit)");
+  if (kind == "lpips") return make_lpips(config, opts);
+  throw std::invalid_argument("unknown model kind \"" + kind + "\" (expected unet, vae, clip_text, clip_vision, clip, vit or lpips)");
 }
 
 bool cfg_has(const JsonValue& cfg, const std::string& key) {

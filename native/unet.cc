@@ -221,7 +221,10 @@ AttentionImpl::AttentionImpl(int64_t query_dim, int64_t context_dim, int64_t hea
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& context) {
   const at::Tensor& kv = context.defined() ? context : x;
   // [B, N, H*D] each; scale D^-0.5 inside multihead_attention (Attention.scale = dim_head**-0.5)
-  at::Tensor out = multihead_attention(to_q(x), to_k(kv), to_v(kv), heads, /*causal=*/false);
+  at::Tensor q = to_q(x), k = to_k(kv);
+  // cross-attention maps for evaluation masks: a no-op unless an AttentionRecorder is active (attention.h)
+  if (context.defined()) record_cross_attention(q, k, heads);
+  at::Tensor out = multihead_attention(q, k, to_v(kv), heads, /*causal=*/false);
   return to_out_0(out);  // [B, N, query_dim]
 }
 

@@ -6,7 +6,7 @@
 //
 // Inputs come from the case's own safetensors file (the `file` next to the JSON); paths inside a
 // case (images, weights) are relative to the fixtures root, the parent of cases/. `--model` names
-// the model folder the case needs (tiny-sd/ for SD components, tiny-clip/ for clip_model).
+// the model folder the case needs (tiny-sd/ for SD components, tiny-clip/ for clip_model, lpips/ for lpips_alex).
 // `--compare` also prints each tensor's max abs/rel difference against the golden.
 // Exit codes: 0 done, 1 error (or --compare beyond tolerance), 2 bad arguments, 3 unsupported kind.
 import fs from 'node:fs';
@@ -114,6 +114,14 @@ const RUNNERS = {
     clip.dispose();
     const outputs = ['image_embeds', 'text_embeds', 'logits_per_image', 'logits_per_text', 'cosine'];
     return prefixed(out, Object.fromEntries(outputs.map((k) => [k, 'output.'])), 'intermediate.');
+  },
+
+  // LPIPS v0.1 / AlexNet; --model is the lpips folder (one .safetensors with features.* and lin*)
+  async lpips_alex({ lib, model, inputs }) {
+    const lpips = await lib.loadLpips(model);
+    const out = await lpips.run('forward', { in0: inputs['input.in0'], in1: inputs['input.in1'] });
+    lpips.dispose();
+    return prefixed(out, { distance: 'output.', per_layer: 'output.' }, 'intermediate.');
   },
 
   // CLIPImageProcessor on the case's PNGs: output.pixel_values<i> for each stage image<i>

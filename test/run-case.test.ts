@@ -42,6 +42,13 @@ describe('run-case.mjs', () => {
     expect(r.status).toBe(0);
   });
 
+  test('lpips_alex runs on the lpips folder', () => {
+    const r = run(['--case', fixture('cases', 'lpips_alex.json'), '--model', fixture('lpips'), '--out', path.join(tmp, 'lpips.safetensors'), '--compare']);
+    console.log(r.stdout.trim());
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+  });
+
   test('writes the case outputs under the case names', async () => {
     const out = path.join(tmp, 'names.safetensors');
     execFileSync(process.execPath, [RUNNER, '--case', fixture('cases', 'vae.json'), '--model', fixture('tiny-sd'), '--out', out]);

@@ -3,6 +3,8 @@
  * exit code; handlers throw. Errors print one clear line (the stack only with --verbose).
  */
 import yargs from 'yargs';
+import * as convert from './commands/convert';
+import * as evaluate from './commands/eval';
 import * as generate from './commands/generate';
 import * as info from './commands/info';
 import * as inspect from './commands/inspect';
@@ -15,6 +17,8 @@ export function buildCli(argv: string[]) {
     .scriptName('singleinsert-native')
     .usage('$0 <command> [options]\n\nSingleInsert for Stable Diffusion v1.5: learn a concept from one image, then generate edits of it.')
     .command(generate)
+    .command(evaluate)
+    .command(convert)
     .command(inspect)
     .command(tokenize)
     .command(train)
