@@ -6,12 +6,24 @@
  *
  * Every option is validated before any native work, with the wording of lib/errors.ts.
  *
+ * Concepts, embeddings and LoRAs: `concepts` (loaded SingleInsert concepts), `embeddings`
+ * (textual-inversion vectors) and `loras` (kohya files) apply to one call. Each placeholder's
+ * occurrences in the prompt AND the negative prompt are tokenised as N positions (N vectors) whose
+ * token embeddings the text encoder replaces (`replace_index` / `replace_values`, native/clip.cc).
+ * The LoRAs (each concept's and each foreign one, each with its own adapter name and scale, so their
+ * updates add up) are attached for the call and removed afterwards, holding the pipeline's lock
+ * (lib/concepts.ts): concurrent calls never see each other's adapters, and the same seed gives the
+ * same image whatever the order of the concepts and LoRAs.
+ *
  * Seeds: the initial latents are `torch.randn([B,4,H/8,W/8], generator=torch.Generator().manual_seed(seed))`
  * (a float32 draw on a CPU generator, moved to the device), so a seed gives the same image as
  * diffusers with a CPU generator, and the same image on CPU and CUDA up to kernel differences.
  */
 import { randomInt } from 'node:crypto';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { AdapterPlan, checkPlaceholder, Concept, isConcept, planAdapters, withAdapters } from './concepts';
+import { pickleRefusal } from './embeddings';
 import { AbortError, describeValue, invalidParameterError, SingleInsertError } from './errors';
 import type { Model, Pipeline } from './models';
 import { native, NativeModelHandle, NativeTensor, Tensor, withCallerStack } from './native';
@@ -58,6 +70,35 @@ export interface GenerateOptions {
    * CFG batch). Recording does not change the images. lib/eval uses it for foreground masks.
    */
   recordAttention?: { tokenIndex: number | number[] };
+  /** SingleInsert concepts (Pipeline.loadConcept): their embeddings replace their placeholders, their LoRAs apply */
+  concepts?: ConceptUse[];
+  /** textual-inversion vectors (lib/embeddings.ts loadEmbedding) for a placeholder each */
+  embeddings?: EmbeddingUse[];
+  /** kohya LoRA files to apply for this call */
+  loras?: LoraFileUse[];
+}
+
+export interface ConceptUse {
+  concept: Concept;
+  /** default: the concept's placeholder */
+  placeholder?: string;
+  /** strength of the concept's LoRA (if it has one); default 1 */
+  loraScale?: number;
+}
+
+export interface EmbeddingUse {
+  /** [N, hidden] (or [hidden]) float32: the placeholder takes N consecutive token positions */
+  vectors: Tensor;
+  placeholder: string;
+}
+
+export interface LoraFileUse {
+  /** a kohya .safetensors file (lora_unet_* / lora_te_* keys) */
+  file: string;
+  /** default 1 */
+  scale?: number;
+  /** refuse keys that target nothing in the models (default true) */
+  strict?: boolean;
 }
 
 export interface GenerateProgress {
@@ -99,14 +140,16 @@ export interface GenerateResult {
   parameters: string;
   /** final latents [B, 4, H/8, W/8] */
   latents: NativeTensor;
-  /** e.g. prompts truncated to CLIP's 77 tokens */
+  /** e.g. prompts truncated to CLIP's 77 tokens, a prompt without any active placeholder, a concept's base-model mismatch */
   warnings: string[];
   /** with recordAttention: [B, H/8, W/8] float32 (see GenerateOptions.recordAttention) */
   attentionMaps?: NativeTensor;
   /**
    * with returnIntermediates: prompt_ids, negative_prompt_ids (when guided), prompt_embeds,
    * negative_prompt_embeds (when guided), timesteps, initial_latents, unet_inputs, unet_outputs,
-   * noise_pred_guided, latents_after_step, decoded_raw
+   * noise_pred_guided, latents_after_step, decoded_raw; with placeholders also the text encoder's
+   * inputs: text_input_ids [R, 77] (rows: negatives then prompts when guided), replace_index [P, 2]
+   * (row, position) and replace_values [P, hidden]
    */
   intermediates?: Record<string, NativeTensor>;
 }
@@ -130,11 +173,97 @@ interface Validated {
   returnIntermediates: boolean;
   /** one prompt position per image */
   attentionTokenIndex?: number[];
+  /** placeholder -> its vectors; empty without concepts/embeddings */
+  inversions: Map<string, Inversion>;
+  adapters: AdapterPlan[];
+  /** warnings the loaded concepts carry (base-model mismatch) */
+  conceptWarnings: string[];
   signal?: AbortSignal;
   onProgress?: (e: GenerateProgress) => void;
 }
 
 const isPositiveInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v) && v >= 1;
+const isF32 = (d: unknown) => Object.prototype.toString.call(d) === '[object Float32Array]';
+
+interface Inversion {
+  /** [n, hidden] row-major */
+  vectors: Float32Array;
+  n: number;
+  /** `concept "*" (<dir>)` or `embeddings[1] ("<x>")`, for messages */
+  source: string;
+}
+
+function listOption<T>(value: unknown, name: string): T[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value)) throw invalidParameterError(name, 'an array', value);
+  return value as T[];
+}
+
+/** concepts, embeddings and loras: placeholders (distinct, the text encoder's width) and the LoRAs to attach. */
+function validateConcepts(pipeline: Pipeline, options: GenerateOptions): Pick<Validated, 'inversions' | 'adapters' | 'conceptWarnings'> {
+  const hidden = pipeline.textEncoder.config.hidden_size as number;
+  const inversions = new Map<string, Inversion>();
+  const uses: Array<{ file: string; scale: number; strict?: boolean; source: string }> = [];
+  const conceptWarnings: string[] = [];
+  const add = (placeholder: string, inv: Inversion) => {
+    const other = inversions.get(placeholder);
+    if (other) {
+      throw new SingleInsertError(
+        `Placeholder ${JSON.stringify(placeholder)} is used by both ${other.source} and ${inv.source}; ` +
+          'give one of them another placeholder (the concept option placeholder, or --concept name=<dir>)',
+      );
+    }
+    inversions.set(placeholder, inv);
+  };
+  const checkWidth = (width: number, source: string) => {
+    if (width !== hidden) {
+      throw new SingleInsertError(`${source}: the embedding has hidden size ${width} but the text encoder of ${pipeline.modelPath} has hidden size ${hidden}; it was made for another model`);
+    }
+  };
+
+  listOption<ConceptUse>(options.concepts, 'concepts').forEach((use, i) => {
+    const where = `concepts[${i}]`;
+    if (use === null || typeof use !== 'object' || !isConcept(use.concept)) throw invalidParameterError(`${where}.concept`, 'a concept from loadConcept / Pipeline.loadConcept', use?.concept ?? use);
+    const { concept } = use;
+    const placeholder = use.placeholder === undefined ? concept.placeholder : checkPlaceholder(use.placeholder, `${where}.placeholder`);
+    const scale = use.loraScale ?? 1;
+    if (typeof scale !== 'number' || !Number.isFinite(scale)) throw invalidParameterError(`${where}.loraScale`, 'a finite number', scale);
+    const source = `concept ${JSON.stringify(placeholder)} (${concept.dir})`;
+    const [n, width] = concept.embedding.vectors.shape;
+    checkWidth(width, source);
+    add(placeholder, { vectors: concept.embedding.vectors.data, n, source });
+    if (concept.lora) uses.push({ file: concept.lora.file, scale, source });
+    conceptWarnings.push(...concept.warnings);
+  });
+
+  listOption<EmbeddingUse>(options.embeddings, 'embeddings').forEach((use, i) => {
+    const where = `embeddings[${i}]`;
+    if (use === null || typeof use !== 'object') throw invalidParameterError(where, 'an object { vectors, placeholder }', use);
+    const placeholder = checkPlaceholder(use.placeholder, `${where}.placeholder`);
+    const v = use.vectors;
+    const ok = v !== null && typeof v === 'object' && isF32(v.data) && Array.isArray(v.shape) && (v.shape.length === 1 || v.shape.length === 2) &&
+      v.shape.every((d) => Number.isInteger(d) && d > 0) && v.data.length === v.shape.reduce((a, b) => a * b, 1);
+    if (!ok) throw invalidParameterError(`${where}.vectors`, `a float32 tensor [N, ${hidden}]`, v);
+    const [n, width] = v.shape.length === 1 ? [1, v.shape[0]] : v.shape;
+    const source = `${where} (${JSON.stringify(placeholder)})`;
+    checkWidth(width, source);
+    add(placeholder, { vectors: v.data as Float32Array, n, source });
+  });
+
+  listOption<LoraFileUse>(options.loras, 'loras').forEach((use, i) => {
+    const where = `loras[${i}]`;
+    if (use === null || typeof use !== 'object') throw invalidParameterError(where, 'an object { file, scale }', use);
+    if (typeof use.file !== 'string' || use.file.length === 0) throw invalidParameterError(`${where}.file`, 'a .safetensors path', use.file);
+    if (/\.(pt|pth|bin|ckpt)$/i.test(use.file)) throw pickleRefusal(use.file, 'LoRAs');
+    if (!fs.existsSync(use.file)) throw new SingleInsertError(`Cannot read the LoRA ${use.file}: file not found`);
+    const scale = use.scale ?? 1;
+    if (typeof scale !== 'number' || !Number.isFinite(scale)) throw invalidParameterError(`${where}.scale`, 'a finite number', scale);
+    if (use.strict !== undefined && typeof use.strict !== 'boolean') throw invalidParameterError(`${where}.strict`, 'a boolean', use.strict);
+    uses.push({ file: use.file, scale, strict: use.strict, source: `${where} (${use.file})` });
+  });
+
+  return { inversions, adapters: planAdapters(uses), conceptWarnings };
+}
 
 function validate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRunOptions): Validated {
   if (options === null || typeof options !== 'object') throw invalidParameterError('options', 'an object', options);
@@ -186,8 +315,7 @@ function validate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRun
   const latents = options.latents;
   if (latents !== undefined) {
     const shape = [prompts.length * numImages, pipeline.unet.config.in_channels as number, height / factor, width / factor];
-    // the tag, not instanceof: arrays made by the addon or another realm (jest's vm) are Float32Arrays too
-    const isF32 = (d: unknown) => Object.prototype.toString.call(d) === '[object Float32Array]';
+    // isF32 checks the tag, not instanceof: arrays made by the addon or another realm (jest's vm) are Float32Arrays too
     const ok =
       latents !== null && typeof latents === 'object' && isF32(latents.data) && Array.isArray(latents.shape) && latents.shape.length === 4 &&
       latents.shape.every((d, i) => d === shape[i]) && latents.data.length === shape.reduce((a, b) => a * b, 1) &&
@@ -217,18 +345,12 @@ function validate(pipeline: Pipeline, options: GenerateOptions, run: GenerateRun
   if (signal !== undefined && !isSignal(signal)) throw invalidParameterError('signal', 'an AbortSignal', signal);
   if (onProgress !== undefined && typeof onProgress !== 'function') throw invalidParameterError('onProgress', 'a function', onProgress);
 
+  const concepts = validateConcepts(pipeline, options);
+
   return {
     prompts, negatives, steps, guidance, scheduler, schedulerConfig: JSON.stringify(resolved), seed, width, height, numImages, eta,
-    latents, returnIntermediates, attentionTokenIndex, signal, onProgress,
+    latents, returnIntermediates, attentionTokenIndex, ...concepts, signal, onProgress,
   };
-}
-
-/** The native handle of a loaded model (throws when it was disposed). */
-function nativeHandle(model: Model): NativeModelHandle {
-  // Model keeps its handle private; generation is the one other module that passes it to the addon.
-  const handle = (model as unknown as { handle: NativeModelHandle | null }).handle;
-  if (!handle) throw new SingleInsertError(`The ${model.kind} model from ${model.source} was disposed`);
-  return handle;
 }
 
 /** The last path part that names the model: "tiny-sd", "org/name" for a hub cache snapshot, or the checkpoint's file name. */
@@ -274,18 +396,81 @@ function toUint8(x: number): number {
   return Math.min(255, Math.max(0, r));
 }
 
-function ids(pipeline: Pipeline, texts: string[], what: string, warnings: string[]): BigInt64Array {
-  const out = new BigInt64Array(texts.length * CLIP_MAX_LENGTH);
-  texts.forEach((text, b) => {
-    const r = pipeline.tokenizer.call(text);
-    if (r.inputIds.length !== CLIP_MAX_LENGTH) throw new SingleInsertError(`The tokenizer gave ${r.inputIds.length} ids for the ${what}, expected ${CLIP_MAX_LENGTH}`);
-    if (r.truncated) {
-      // diffusers' wording (pipeline_stable_diffusion.py encode_prompt)
-      warnings.push(`The following part of your ${what} was truncated because CLIP can only handle sequences up to ${CLIP_MAX_LENGTH} tokens: ${r.truncatedText}`);
+/** One replaced token position: text-encoder batch row, position, and the vector that goes there. */
+interface Replacement {
+  row: number;
+  position: number;
+  vector: Float32Array;
+}
+
+/**
+ * Placeholders are split out of the raw text wherever they occur, as transformers does with added
+ * tokens, so a word-like placeholder ("me") is also replaced inside a longer word ("home"). Warn
+ * about each such occurrence rather than guess what was meant.
+ */
+function warnInsideWords(text: string, what: string, placeholders: string[], warnings: string[]): void {
+  const wordChar = /[\p{L}\p{N}_]/u;
+  for (const p of placeholders) {
+    const edges = [wordChar.test(p[0]), wordChar.test(p[p.length - 1])];
+    if (!edges[0] && !edges[1]) continue;
+    for (let i = text.indexOf(p); i >= 0; i = text.indexOf(p, i + p.length)) {
+      const before = i > 0 && edges[0] && wordChar.test(text[i - 1]);
+      const after = i + p.length < text.length && edges[1] && wordChar.test(text[i + p.length]);
+      if (!before && !after) continue;
+      const start = text.slice(0, i).search(/[\p{L}\p{N}_]*$/u);
+      const end = i + p.length + (text.slice(i + p.length).match(/^[\p{L}\p{N}_]*/u)?.[0].length ?? 0);
+      const message = `The placeholder ${JSON.stringify(p)} occurs inside the word ${JSON.stringify(text.slice(start, end))} of the ${what} ${describeValue(text)} and is replaced there too; a placeholder such as "<${p}>" avoids this`;
+      if (!warnings.includes(message)) warnings.push(message);
     }
-    r.inputIds.forEach((id, i) => (out[b * CLIP_MAX_LENGTH + i] = BigInt(id)));
+  }
+}
+
+/**
+ * Token ids [texts, 77]; with placeholders active, each occurrence takes N positions (encodePrompt)
+ * and `replacements` gets the vectors for them (rows numbered from `firstRow`). `used[i]` says
+ * whether text i holds any placeholder; `usedPlaceholders` lists those some text holds.
+ */
+function ids(
+  pipeline: Pipeline, texts: string[], what: string, warnings: string[],
+  inversions: Map<string, Inversion>, replacements: Replacement[], firstRow: number,
+): { ids: BigInt64Array; used: boolean[]; usedPlaceholders: Set<string> } {
+  const out = new BigInt64Array(texts.length * CLIP_MAX_LENGTH);
+  // sorted, so that the same set of placeholders splits a prompt the same way in any order
+  const placeholders = [...inversions.keys()].sort();
+  const placeholderLengths = Object.fromEntries([...inversions].map(([p, inv]) => [p, inv.n]));
+  const used: boolean[] = [];
+  const usedPlaceholders = new Set<string>();
+  texts.forEach((text, b) => {
+    let inputIds: number[], truncated: boolean, truncatedText: string | undefined;
+    if (placeholders.length === 0) {
+      ({ inputIds, truncated, truncatedText } = pipeline.tokenizer.call(text));
+      used.push(false);
+    } else {
+      warnInsideWords(text, what, placeholders, warnings);
+      const e = pipeline.tokenizer.encodePrompt(text, { placeholders, placeholderLengths });
+      ({ ids: inputIds, truncated, truncatedText } = e);
+      let any = false;
+      for (const p of placeholders) {
+        const inv = inversions.get(p)!;
+        const hidden = inv.vectors.length / inv.n;
+        // an N-vector placeholder lists N consecutive positions per occurrence: vector i % N goes to the i-th
+        e.placeholderPositions[p].forEach((position, i) => {
+          const k = i % inv.n;
+          replacements.push({ row: firstRow + b, position, vector: inv.vectors.subarray(k * hidden, (k + 1) * hidden) });
+          usedPlaceholders.add(p);
+          any = true;
+        });
+      }
+      used.push(any);
+    }
+    if (inputIds.length !== CLIP_MAX_LENGTH) throw new SingleInsertError(`The tokenizer gave ${inputIds.length} ids for the ${what}, expected ${CLIP_MAX_LENGTH}`);
+    if (truncated) {
+      // diffusers' wording (pipeline_stable_diffusion.py encode_prompt)
+      warnings.push(`The following part of your ${what} was truncated because CLIP can only handle sequences up to ${CLIP_MAX_LENGTH} tokens: ${truncatedText}`);
+    }
+    inputIds.forEach((id, i) => (out[b * CLIP_MAX_LENGTH + i] = BigInt(id)));
   });
-  return out;
+  return { ids: out, used, usedPlaceholders };
 }
 
 /** Rows [start, start+count) of a [N, ...] float32 tensor, each repeated `times` times (num_images_per_prompt). */
@@ -309,18 +494,62 @@ export async function generate(pipeline: Pipeline, options: GenerateOptions, run
   const v = validate(pipeline, options, run);
   const { signal } = v;
   if (signal?.aborted) throw new AbortError();
-  const unet = nativeHandle(pipeline.unet);
-  const vae = nativeHandle(pipeline.vae);
-  nativeHandle(pipeline.textEncoder);
+  // fail before any work when a model was disposed
+  pipeline.unet.nativeHandle();
+  pipeline.vae.nativeHandle();
+  pipeline.textEncoder.nativeHandle();
 
-  // 3. encode input prompt: one text-encoder batch [negatives; prompts] (only prompts without guidance)
-  const warnings: string[] = [];
+  // 3. encode input prompt: one text-encoder batch [negatives; prompts] (only prompts without guidance).
+  // Tokenising first: an unknown placeholder is refused before any adapter is attached.
+  const warnings: string[] = [...v.conceptWarnings];
   const P = v.prompts.length;
   const guided = v.guidance > 1; // diffusers' do_classifier_free_guidance
-  const promptIds = ids(pipeline, v.prompts, 'prompt', warnings);
-  const negativeIds = guided ? ids(pipeline, v.negatives, 'negative prompt', warnings) : undefined;
+  const replacements: Replacement[] = [];
+  const negative = guided ? ids(pipeline, v.negatives, 'negative prompt', warnings, v.inversions, replacements, 0) : undefined;
+  const prompt = ids(pipeline, v.prompts, 'prompt', warnings, v.inversions, replacements, guided ? P : 0);
+  const promptIds = prompt.ids;
+  const negativeIds = negative?.ids;
+  if (v.inversions.size > 0) {
+    const names = [...v.inversions.keys()].map((p) => JSON.stringify(p)).join(', ');
+    const unused = [...new Set(v.prompts.filter((_, i) => !prompt.used[i]))];
+    for (const text of unused) warnings.push(`The prompt ${describeValue(text)} uses none of the placeholders ${names}: no learned embedding enters it`);
+    if (unused.length < v.prompts.length) {
+      // some prompt uses a placeholder: name the placeholders no prompt (nor negative prompt) uses
+      for (const [p, inv] of v.inversions) {
+        if (!prompt.usedPlaceholders.has(p) && !negative?.usedPlaceholders.has(p)) warnings.push(`The placeholder ${JSON.stringify(p)} of ${inv.source} appears in no prompt: its embedding does not enter the image`);
+      }
+    }
+  }
+  return withAdapters(pipeline, v.adapters, () => sample(pipeline, v, stack, { promptIds, negativeIds, replacements, warnings }), signal);
+}
+
+/** Steps 3 (text encoder) to 9 of a validated call, with its adapters (if any) attached. */
+async function sample(
+  pipeline: Pipeline, v: Validated, stack: Error,
+  text: { promptIds: BigInt64Array; negativeIds?: BigInt64Array; replacements: Replacement[]; warnings: string[] },
+): Promise<GenerateResult> {
+  const { signal } = v;
+  const { promptIds, negativeIds, replacements, warnings } = text;
+  const unet = pipeline.unet.nativeHandle();
+  const vae = pipeline.vae.nativeHandle();
+  const P = v.prompts.length;
+  const guided = negativeIds !== undefined;
   const allIds = negativeIds ? new BigInt64Array([...negativeIds, ...promptIds]) : promptIds;
-  const embeds = await pipeline.encodeIds({ dtype: 'I64', shape: [allIds.length / CLIP_MAX_LENGTH, CLIP_MAX_LENGTH], data: allIds });
+  const textIds: Tensor = { dtype: 'I64', shape: [allIds.length / CLIP_MAX_LENGTH, CLIP_MAX_LENGTH], data: allIds };
+  let replace: { index: Tensor; values: Tensor } | undefined;
+  if (replacements.length > 0) {
+    const hidden = replacements[0].vector.length;
+    const index = new BigInt64Array(replacements.length * 2);
+    const values = new Float32Array(replacements.length * hidden);
+    replacements.forEach((r, i) => {
+      index[2 * i] = BigInt(r.row);
+      index[2 * i + 1] = BigInt(r.position);
+      values.set(r.vector, i * hidden);
+    });
+    replace = { index: { dtype: 'I64', shape: [replacements.length, 2], data: index }, values: { dtype: 'F32', shape: [replacements.length, hidden], data: values } };
+  }
+  if (signal?.aborted) throw new AbortError();
+  const embeds = await pipeline.encodeIds(textIds, replace);
   if (signal?.aborted) throw new AbortError();
   const promptEmbeds = rowsRepeated(embeds, guided ? P : 0, P, v.numImages);
   const negativeEmbeds = guided ? rowsRepeated(embeds, 0, P, v.numImages) : undefined;
@@ -392,6 +621,12 @@ export async function generate(pipeline: Pipeline, options: GenerateOptions, run
     if (negativeIds) inter.negative_prompt_ids = { dtype: 'I64', shape: [P, CLIP_MAX_LENGTH], data: negativeIds };
     inter.prompt_embeds = slice(guided ? P : 0);
     if (guided) inter.negative_prompt_embeds = slice(0);
+    if (v.inversions.size > 0) {
+      inter.text_input_ids = textIds as NativeTensor;
+      const hidden = C;
+      inter.replace_index = (replace?.index ?? { dtype: 'I64', shape: [0, 2], data: new BigInt64Array(0) }) as NativeTensor;
+      inter.replace_values = (replace?.values ?? { dtype: 'F32', shape: [0, hidden], data: new Float32Array(0) }) as NativeTensor;
+    }
     result.intermediates = { ...inter, ...raw.intermediates };
   }
   return result;

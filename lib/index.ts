@@ -20,6 +20,15 @@ export { applyLora, clearLora, collectLora, createLora, saveLora, setLora } from
 export { clipPreprocess, loadTrainingInputs, preprocessBatch, readPreprocessorConfig, resolvePreprocessorConfig, vitPreprocess } from './image';
 export type { ImageInput, ImageProcessorConfig, ImageTensor } from './image';
 export { formatParameters, generate, toPng } from './generate';
+export type { ConceptUse, EmbeddingUse, GenerateOptions, GenerateResult, LoraFileUse } from './generate';
+export { CONCEPT_FORMAT, CONCEPT_VERSION, loadConcept, modelIdentity, safetensorsHeaderSha256, withPipelineLock } from './concepts';
+export type { Concept, ConceptManifest, LoadConceptOptions, ModelIdentity } from './concepts';
+export { loadEmbedding } from './embeddings';
+export type { LoadedEmbedding } from './embeddings';
+export { expandPreset, matchEdit, readPresets, PRESET_NAMES, PRESETS_FILE } from './presets';
+export type { EditPreset, PresetName, PresetPrompt, Presets, ViewPreset } from './presets';
+export { contactSheet, sheetLayout } from './contact-sheet';
+export type { ContactSheetOptions, SheetLayout } from './contact-sheet';
 export { readPngText } from './png';
 export { train, Trainer, validateTrainOptions, STAGE1_DEFAULTS, STAGE2_DEFAULTS } from './train';
 export type { TrainOptions, TrainProgress, TrainResult, ConceptJson, TrainLosses } from './train';
@@ -31,5 +40,3 @@ export type { EvalImageSpec, EvalModels, EvalResult, EvalSpec } from './eval/eva
 export { ClipScorer, DinoScorer, loadLpips, LpipsScorer } from './eval/scorers';
 export { attentionMask, composite, cosine, DEFINITIONS as METRIC_DEFINITIONS, editSucceeded, METRICS, scoringPrompt } from './eval/metrics';
 export type { MetricName } from './eval/metrics';
-export { readPresets } from './eval/presets';
-export type { Presets } from './eval/presets';

@@ -90,10 +90,7 @@ function loraHandle(model: unknown, what: string): LoraNativeHandle {
   if (model.kind !== 'unet' && model.kind !== 'clip_text') {
     throw new SingleInsertError(`LoRA applies to unet and clip_text models, not to the ${model.kind} model from ${model.source}`);
   }
-  // Model keeps its native handle private; LoRA is the one other user of it
-  const handle = model['handle'] as NativeModelHandle | null;
-  if (!handle) throw new SingleInsertError(`The ${model.kind} model from ${model.source} was disposed`);
-  return handle as LoraNativeHandle;
+  return model.nativeHandle() as LoraNativeHandle;
 }
 
 function modelList(models: Model | Model[]): Model[] {

@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as yaml from 'js-yaml';
+import { Concept, loadConceptForPipeline, LoadConceptOptions } from './concepts';
 import { Config, ModelKind, readConfig, resolveConfig } from './config';
 import { invalidParameterError, SingleInsertError } from './errors';
 import { generate, GenerateOptions, GenerateResult, GenerateRunOptions } from './generate';
@@ -146,6 +147,15 @@ export class Pipeline {
       inputIds.forEach((id, i) => (ids[b * 77 + i] = BigInt(id)));
     });
     return this.encodeIds({ data: ids, shape: [prompts.length, 77] });
+  }
+
+  /**
+   * Loads a SingleInsert concept folder for this pipeline (lib/concepts.ts): refuses an embedding of
+   * another width than the text encoder's, and adds a warning to `concept.warnings` when the concept
+   * was trained on another base model. `placeholder` renames its placeholder.
+   */
+  loadConcept(dir: string, options?: Omit<LoadConceptOptions, 'hiddenSize'>): Promise<Concept> {
+    return loadConceptForPipeline(this, dir, options);
   }
 
   /** Text to image; see lib/generate.ts. */

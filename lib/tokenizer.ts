@@ -100,6 +100,11 @@ export interface CallResult {
 export interface EncodePromptOptions {
   /** Placeholder strings to split out before BPE; each occurrence becomes one position with id 265. */
   placeholders?: string[];
+  /**
+   * Positions per occurrence for multi-vector placeholders (an N-vector textual-inversion embedding
+   * takes N consecutive positions, all with id 265); default 1. Keys must be active placeholders.
+   */
+  placeholderLengths?: Record<string, number>;
   maxLength?: number;
 }
 
@@ -107,11 +112,18 @@ export interface EncodedPrompt {
   /** `maxLength` ids: BOS, content, EOS, padding. */
   ids: number[];
   attentionMask: number[];
-  /** Placeholder -> indices into `ids` (BOS is index 0). Every active placeholder has a key, possibly []. */
+  /**
+   * Placeholder -> indices into `ids` (BOS is index 0), in prompt order. Every active placeholder has a key,
+   * possibly []. A placeholder of length N lists N consecutive indices per occurrence, so vector
+   * `i % N` of its embedding goes to the i-th listed position.
+   */
   placeholderPositions: Record<string, number[]>;
   truncated: boolean;
   truncatedText?: string;
-  /** All content tokens, untruncated: BPE strings, and the placeholder string itself at placeholder positions. */
+  /**
+   * All content tokens, untruncated: BPE strings, and the placeholder string itself at placeholder positions
+   * (repeated N times for a placeholder of length N).
+   */
   tokens: string[];
   /** All ids with BOS/EOS, untruncated (what `encode` returns for placeholder-free text). */
   untruncatedIds: number[];
@@ -200,6 +212,20 @@ function resolveMaxLength(dir: string, config: Record<string, unknown> | undefin
   }
   // transformers writes VERY_LARGE_INTEGER (int(1e30)) when a model has no limit; CLIP's own limit is 77.
   return value > 1e6 ? CLIP_MAX_LENGTH : value;
+}
+
+function validatePlaceholderLengths(value: unknown, placeholders: string[]): Map<string, number> {
+  const out = new Map<string, number>();
+  if (value === undefined) return out;
+  if (!isRecord(value)) throw invalidParameterError('placeholderLengths', 'an object of placeholder -> positive integer', value);
+  for (const [p, n] of Object.entries(value)) {
+    if (!placeholders.includes(p)) {
+      throw invalidParameterError(`placeholderLengths[${JSON.stringify(p)}]`, `a key among the placeholders (${placeholders.map((x) => JSON.stringify(x)).join(', ') || 'none'})`, p);
+    }
+    if (typeof n !== 'number' || !Number.isInteger(n) || n < 1) throw invalidParameterError(`placeholderLengths[${JSON.stringify(p)}]`, 'a positive integer', n);
+    out.set(p, n);
+  }
+  return out;
 }
 
 function validateMaxLength(value: unknown): number {
@@ -565,14 +591,15 @@ export class ClipTokenizer {
 
   /**
    * Encode a prompt with placeholders. Each placeholder occurrence is split out of the raw text before BPE
-   * (longest first, like transformers' added tokens) and takes one position with the id of `*</w>`.
-   * Throws when a placeholder would be truncated away, or when the prompt holds placeholder-like text
-   * (`<...>`, `*x`) that is not an active placeholder.
+   * (longest first, like transformers' added tokens) and takes one position with the id of `*</w>`
+   * (N positions with `placeholderLengths`). Throws when a placeholder would be truncated away, or when
+   * the prompt holds placeholder-like text (`<...>`, `*x`) that is not an active placeholder.
    */
   encodePrompt(text: string, options: EncodePromptOptions = {}): EncodedPrompt {
     if (typeof text !== 'string') throw invalidParameterError('prompt', 'string', text);
     const maxLength = validateMaxLength(options.maxLength ?? this.modelMaxLength);
     const placeholders = this.validatePlaceholders(options.placeholders ?? []);
+    const lengths = validatePlaceholderLengths(options.placeholderLengths, placeholders);
 
     const split = new Map(this.specialSplit);
     for (const p of placeholders) split.set(p, 'placeholder');
@@ -582,7 +609,8 @@ export class ClipTokenizer {
     const content: ContentToken[] = [];
     for (const seg of segments) {
       if (seg.added === 'placeholder') {
-        content.push({ token: seg.text, id: this.placeholderTokenId, placeholder: seg.text });
+        const n = lengths.get(seg.text) ?? 1;
+        for (let i = 0; i < n; i++) content.push({ token: seg.text, id: this.placeholderTokenId, placeholder: seg.text });
       } else if (seg.added === 'special') {
         content.push({ token: seg.text, id: this.idOfToken(seg.text) });
       } else {

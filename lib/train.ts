@@ -434,10 +434,7 @@ function prepareOut(dir: string): void {
 // ---------------------------------------------------------------- the trainer
 
 function modelHandle(model: Model): NativeModelHandle {
-  // Model keeps its native handle private; training (like LoRA) is the other user of it
-  const handle = (model as unknown as { handle: NativeModelHandle | null }).handle;
-  if (!handle) throw new SingleInsertError(`The ${model.kind} model from ${model.source} was disposed`);
-  return handle;
+  return model.nativeHandle();
 }
 
 function idsTensor(ids: number[]): Tensor {

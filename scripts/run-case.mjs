@@ -162,14 +162,27 @@ const RUNNERS = {
     };
   },
 
-  // StableDiffusionPipeline.__call__ with given latents; the scheduler class names the sampler
-  async pipeline({ lib, model, inputs, json }) {
+  // StableDiffusionPipeline.__call__ with given latents; the scheduler class names the sampler.
+  // Optional add-ons, paths relative to the fixtures root (or absolute), one object or a list each:
+  //   call.lora: { file, scale = 1 }    a kohya LoRA applied for the call (diffusers: load_lora_weights + scale)
+  //   call.embedding: { file, placeholder }   a textual-inversion embedding for a placeholder in the prompts
+  async pipeline({ lib, model, inputs, json, fixtures }) {
     const args = json.call.args;
     const cls = (json.call.scheduler ?? 'PNDMScheduler').match(/^(\w+)Scheduler/)?.[1];
     const scheduler = { DDIM: 'ddim', PNDM: 'pndm', EulerDiscrete: 'euler', DPMSolverMultistep: 'dpmpp-2m' }[cls];
     if (!scheduler) throw new Unsupported(`scheduler ${json.call.scheduler} is not supported by the runner`);
+    const list = (x) => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
+    const loras = list(json.call.lora).map((l) => ({ file: path.resolve(fixtures, l.file ?? l), scale: l.scale ?? 1 }));
     const p = await lib.loadPipeline(model);
+    const hiddenSize = p.textEncoder.config.hidden_size;
+    const embeddings = [];
+    for (const e of list(json.call.embedding)) {
+      const loaded = await lib.loadEmbedding(path.resolve(fixtures, e.file), { hiddenSize });
+      embeddings.push({ vectors: loaded.vectors, placeholder: e.placeholder ?? loaded.suggestedPlaceholder });
+    }
     const result = await lib.generate(p, {
+      loras,
+      embeddings,
       prompt: args.prompt,
       negativePrompt: args.negative_prompt ?? '',
       guidance: args.guidance_scale,

@@ -24,7 +24,7 @@ import {
   scoringPrompt,
 } from '../lib/eval/metrics';
 import { findMask, imagesFromPromptsFile, readPromptsFile } from '../lib/eval/inputs';
-import { matchEdit, readPresets } from '../lib/eval/presets';
+import { matchEdit, readPresets } from '../lib/presets';
 import { ClipScorer, DinoScorer, LpipsScorer } from '../lib/eval/scorers';
 import { fixture } from './helpers/fixtures';
 
@@ -246,7 +246,7 @@ describe('prompts, presets, prompt files', () => {
         expect(e.without[i]).not.toContain(t);
       });
     }
-    expect(p.views.map((v) => v.name)).toEqual(['front', 'three-quarter', 'side', 'back', 'from above', 'from below', 'close-up', 'full body']);
+    expect(p.views.map((v) => v.name)).toEqual(['front', 'three-quarter', 'side', 'back', 'from-above', 'from-below', 'close-up', 'full-body']);
     expect(matchEdit('a * face wearing sunglasses', p, 'face', '*')?.targets).toEqual(['sunglasses']);
     expect(matchEdit('A face  wearing sunglasses', p, 'face', '*')?.targets).toEqual(['sunglasses']);
     expect(matchEdit('a * face wearing a hat and sunglasses', p, 'face', '*')?.targets).toEqual(['hat', 'sunglasses']);
@@ -256,8 +256,8 @@ describe('prompts, presets, prompt files', () => {
   test('a presets file that lacks without prompts is refused', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'si-presets-'));
     const f = path.join(dir, 'p.json');
-    fs.writeFileSync(f, JSON.stringify({ edits: [{ template: 'a {placeholder} {class} with a hat', targets: ['hat'] }] }));
-    expect(() => readPresets(f)).toThrow(`${f}: edits[0] needs a "without" list with one template per target (1)`);
+    fs.writeFileSync(f, JSON.stringify({ edits: [{ template: 'a {placeholder} {class} with a hat', targets: ['hat'] }], views: [] }));
+    expect(() => readPresets(f)).toThrow(`${f}: expected edits[0].without to hold one template per target (1) but found undefined`);
     fs.rmSync(dir, { recursive: true });
   });
 

@@ -24,7 +24,7 @@ import { fill } from '../prompts';
 import { readSafetensors } from '../safetensors';
 import { CallOptions, CallResult, ClipTokenizer } from '../tokenizer';
 import type { EvalImageSpec } from './eval';
-import type { EditPreset } from './presets';
+import type { EditPreset } from '../presets';
 
 export interface Concept {
   dir: string;

@@ -27,7 +27,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { SingleInsertError } from '../errors';
 import type { EvalImageSpec } from './eval';
-import { matchEdit, Presets } from './presets';
+import { matchEdit, Presets } from '../presets';
 
 export interface PromptEntry {
   file: string;

@@ -20,7 +20,7 @@ import { generateConceptGrid, readConcept } from '../../eval/grid';
 import { findMask, imagesFromPromptsFile, readPromptsFile } from '../../eval/inputs';
 import { formatScore } from '../../eval/report';
 import { METRICS, HIGHER_IS_BETTER } from '../../eval/metrics';
-import { readPresets } from '../../eval/presets';
+import { readPresets } from '../../presets';
 import { DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS } from '../../generate';
 import type { DTypeOption } from '../../models';
 import { hubCacheDir, resolveHubId } from '../../model-files';
