@@ -3,7 +3,7 @@
  * model, and putting LoRA adapters on a pipeline for the duration of one call.
  *
  * A concept is a folder written by training (lib/train.ts):
- *   concept.json           { format: 'singleinsert-concept', version: 1, placeholder, classWord, prompt,
+ *   concept.json           { format: 'singleinsert-native.concept', version: 1, placeholder, classWord, prompt,
  *                            files: { embedding, lora (null for stage-I-only concepts), encoder },
  *                            embedding: { key, shape }, lora: { format: 'kohya', rank, alpha, modules } | null,
  *                            baseModel: { path, unetWeights, unetHeaderSha256 }, ... }
@@ -33,7 +33,7 @@ import type { Tensor } from './native';
 import { DEFAULT_PLACEHOLDER } from './prompts';
 import { readSafetensors, readSafetensorsHeader } from './safetensors';
 
-export const CONCEPT_FORMAT = 'singleinsert-concept';
+export const CONCEPT_FORMAT = 'singleinsert-native.concept';
 /** The concept.json version this library reads and writes. */
 export const CONCEPT_VERSION = 1;
 export const CONCEPT_MANIFEST = 'concept.json';

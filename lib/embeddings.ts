@@ -19,6 +19,7 @@ import * as path from 'node:path';
 import { invalidParameterError, SingleInsertError } from './errors';
 import { NativeTensor, Tensor } from './native';
 import { readSafetensors } from './safetensors';
+import { CONCEPT_FORMAT } from './concepts';
 
 export type EmbeddingFormat = 'a1111' | 'a1111-string-to-param' | 'diffusers';
 
@@ -106,7 +107,7 @@ function siblingConceptPlaceholder(file: string): string | undefined {
   const manifest = path.join(path.dirname(file), 'concept.json');
   try {
     const json = JSON.parse(fs.readFileSync(manifest, 'utf8'));
-    if (json?.format === 'singleinsert-concept' && json.files?.embedding === path.basename(file) && typeof json.placeholder === 'string') return json.placeholder;
+    if (json?.format === CONCEPT_FORMAT && json.files?.embedding === path.basename(file) && typeof json.placeholder === 'string') return json.placeholder;
   } catch {
     // no concept folder (or an unreadable one): fall back to the file name
   }

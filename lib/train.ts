@@ -24,6 +24,7 @@ import { native, NativeModelHandle, NativeTensor, NativeTrainer, NativeTrainerSt
 import { CLASS_TEMPLATE, DEFAULT_PLACEHOLDER, fill, TRAIN_TEMPLATE } from './prompts';
 import { readSafetensorsHeader } from './safetensors';
 import { resolveSchedulerConfig } from './schedulers';
+import { CONCEPT_FORMAT, CONCEPT_VERSION, modelIdentity } from './concepts';
 
 export type { TrainLosses } from './native';
 
@@ -53,8 +54,6 @@ export const CLIP_VIT_B32_VISION_CONFIG: Config = Object.freeze({
   layer_norm_eps: 1e-5,
 });
 
-const CONCEPT_FORMAT = 'singleinsert-native.concept';
-const CONCEPT_VERSION = 1;
 const MAX_CLASS_WORDS = 4;
 // SD v1.5 was trained at 512; beyond 2048 the UNet's activations outgrow any single GPU
 const MAX_RESOLUTION = 2048;
@@ -450,30 +449,6 @@ function sha256Tensors(tensors: Tensor[]): string {
   return h.digest('hex');
 }
 
-/** sha256 over each UNet weights file's safetensors header (8-byte length + JSON): identifies the base model cheaply. */
-export function unetHeaderSha256(files: string[]): string {
-  const h = crypto.createHash('sha256');
-  for (const file of files) {
-    const fd = fs.openSync(file, 'r');
-    try {
-      const len = Buffer.alloc(8);
-      fs.readSync(fd, len, 0, 8, 0);
-      const n = Number(len.readBigUInt64LE(0));
-      const header = Buffer.alloc(8 + n);
-      fs.readSync(fd, header, 0, 8 + n, 0);
-      h.update(header);
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
-  return h.digest('hex');
-}
-
-function unetFiles(modelPath: string): string[] {
-  if (fs.statSync(modelPath).isFile()) return [modelPath];
-  return componentWeightFiles(path.join(modelPath, 'unet')).files;
-}
-
 export interface TrainerSetup {
   inputs: TrainingInputs;
   classWord: string;
@@ -726,8 +701,7 @@ export async function train(options: TrainOptions, callbacks: TrainCallbacks = {
     const written = await trainer.exportConcept(o.out, metadata);
     const has = (name: string) => written.some((f) => path.basename(f) === name);
     const lora = trainer.state.lora;
-    const modelPath = o.modelPath ?? pipeline.modelPath;
-    const files = unetFiles(modelPath);
+    const baseModel = await modelIdentity(pipeline);
     const build = native().buildInfo();
     const s1 = trainer.state.stepsDone[0];
     const s2 = trainer.state.stepsDone[1];
@@ -756,7 +730,7 @@ export async function train(options: TrainOptions, callbacks: TrainCallbacks = {
         optimizer: OPTIMIZER,
         newOptimizerPerStage: true,
       },
-      baseModel: { path: modelPath, unetWeights: files, unetHeaderSha256: unetHeaderSha256(files) },
+      baseModel,
       imageEncoder: { source: o.imageEncoder.source, config: o.imageEncoder.config },
       inputs: { image: o.image, mask: o.mask, sha256: inputsSha256, warnings: inputs.warnings ?? [] },
       library: { name: 'singleinsert-native', version: version(), torch: build.torchVersion },

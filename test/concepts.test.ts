@@ -67,7 +67,7 @@ async function makeConcept(name: string, spec: ConceptSpec): Promise<string> {
   const placeholder = spec.placeholder ?? '*';
   const classWord = spec.classWord ?? 'face';
   const manifest: any = {
-    format: 'singleinsert-concept',
+    format: 'singleinsert-native.concept',
     version: 1,
     placeholder,
     classWord,
@@ -148,10 +148,10 @@ describe('loadConcept', () => {
     await expect(loadConcept(noJson)).rejects.toThrow(`${path.join(noJson, 'concept.json')} not found: a concept folder holds concept.json, embedding.safetensors and (after stage II) lora.safetensors`);
 
     const broken = await bad('broken', () => {});
-    fs.writeFileSync(path.join(broken, 'concept.json'), '{ "format": "singleinsert-concept", ');
+    fs.writeFileSync(path.join(broken, 'concept.json'), '{ "format": "singleinsert-native.concept", ');
     await expect(loadConcept(broken)).rejects.toThrow(new RegExp(`^${path.join(broken, 'concept.json')}: invalid JSON \\(`));
 
-    await expect(loadConcept(await bad('fmt', (m) => (m.format = 'something-else')))).rejects.toThrow('expected "format": "singleinsert-concept" but found "something-else"');
+    await expect(loadConcept(await bad('fmt', (m) => (m.format = 'something-else')))).rejects.toThrow('expected "format": "singleinsert-native.concept" but found "something-else"');
     await expect(loadConcept(await bad('ver', (m) => (m.version = 2)))).rejects.toThrow(
       'concept format version 2 is not supported; this library reads version 1 (the concept was written by a newer version: upgrade singleinsert-native)',
     );

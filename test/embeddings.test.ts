@@ -84,7 +84,7 @@ describe('loadEmbedding', () => {
     const dir = path.join(tmp, 'concept');
     fs.mkdirSync(dir);
     await writeSafetensors(path.join(dir, 'embedding.safetensors'), { emb_params: { dtype: 'F32', shape: [1, HIDDEN], data: ramp(HIDDEN) } });
-    fs.writeFileSync(path.join(dir, 'concept.json'), JSON.stringify({ format: 'singleinsert-concept', version: 1, placeholder: '<me>', files: { embedding: 'embedding.safetensors' } }));
+    fs.writeFileSync(path.join(dir, 'concept.json'), JSON.stringify({ format: 'singleinsert-native.concept', version: 1, placeholder: '<me>', files: { embedding: 'embedding.safetensors' } }));
     const e = await loadEmbedding(path.join(dir, 'embedding.safetensors'));
     expect(e).toMatchObject({ format: 'a1111', suggestedPlaceholder: '<me>', numVectors: 1 });
   });

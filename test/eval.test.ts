@@ -13,7 +13,6 @@ import { Writable } from 'node:stream';
 import sharp from 'sharp';
 import { formatSummary, runEval } from '../lib/cli/commands/eval';
 import { EvalResult } from '../lib/eval/eval';
-import { ConceptPipeline, readConcept } from '../lib/eval/grid';
 import { METRICS } from '../lib/eval/metrics';
 import { loadPipeline } from '../lib/models';
 import { packageRoot } from '../lib/native';
@@ -261,24 +260,6 @@ describe('eval --concept (tiny model)', () => {
     );
   });
 
-  test('the concept pipeline puts the embedding at the placeholder', async () => {
-    const concept = await readConcept(conceptDir);
-    const base = await loadPipeline(fixture('tiny-sd'));
-    try {
-      const p = new ConceptPipeline(base, concept);
-      const { inputIds } = p.tokenizer.call('a * face');
-      expect(inputIds.slice(0, 5)).toEqual([49406, 320, 265, 1710, 49407]);
-      const ids = { dtype: 'I64' as const, shape: [1, 77], data: BigInt64Array.from(inputIds, BigInt) };
-      const withConcept = await p.encodeIds(ids);
-      const explicit = await base.encodeIds(ids, { index: { dtype: 'I64', shape: [1, 2], data: BigInt64Array.from([0n, 2n]) }, values: { dtype: 'F32', shape: [1, 32], data: concept.embedding } });
-      const plain = await base.encodeIds(ids);
-      expect(Array.from(withConcept.data as Float32Array)).toEqual(Array.from(explicit.data as Float32Array));
-      expect(Array.from(withConcept.data as Float32Array)).not.toEqual(Array.from(plain.data as Float32Array));
-    } finally {
-      base.dispose();
-    }
-  });
-
   test('generates edits x seeds, masks from cross-attention, and scores them', async () => {
     const out = path.join(tmp, 'concept-report');
     const r = await runEval({ concept: conceptDir, model: fixture('tiny-sd'), seeds: 2, steps: 2, scheduler: 'ddim', width: 64, height: 64, ...models, out }, { stderr: quiet });
@@ -291,6 +272,16 @@ describe('eval --concept (tiny model)', () => {
     expect(r.images[0].seed).toBe(0);
     expect(r.notes[0]).toMatch(/^generated with .*tiny-sd: 10 edit prompts × seeds 0\.\.1, 2 steps, ddim, guidance 7\.5$/);
     expect(r.notes).toContainEqual(expect.stringMatching(/^LoRA .*lora\.safetensors: \d+ modules$/));
+    // the grid's first image is what generate() makes with the same concept, prompt and seed
+    const base = await loadPipeline(fixture('tiny-sd'));
+    try {
+      const concept = await base.loadConcept(conceptDir);
+      const direct = await base.generate({ prompt: 'a * face wearing sunglasses', concepts: [{ concept }], seed: 0, steps: 2, scheduler: 'ddim', width: 64, height: 64 });
+      const { data } = await sharp(path.join(out, 'generated', 'edit00-seed0.png')).raw().toBuffer({ resolveWithObject: true });
+      expect(Buffer.compare(Buffer.from(direct.images[0].rgb), data)).toBe(0);
+    } finally {
+      base.dispose();
+    }
     expect(fs.readdirSync(path.join(out, 'generated')).filter((f) => f.endsWith('.png'))).toHaveLength(20);
     expect(fs.readdirSync(path.join(out, 'images')).filter((f) => f.endsWith('.mask.png'))).toHaveLength(21);
   });

@@ -16,7 +16,8 @@ import * as path from 'node:path';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { SingleInsertError } from '../../errors';
 import { evaluate, EvalImageSpec, EvalResult } from '../../eval/eval';
-import { generateConceptGrid, readConcept } from '../../eval/grid';
+import { conceptSources, generateConceptGrid } from '../../eval/grid';
+import { loadConcept } from '../../concepts';
 import { findMask, imagesFromPromptsFile, readPromptsFile } from '../../eval/inputs';
 import { formatScore } from '../../eval/report';
 import { METRICS, HIGHER_IS_BETTER } from '../../eval/metrics';
@@ -133,17 +134,20 @@ export async function runEval(o: EvalCommandOptions, io: EvalIo = {}): Promise<E
   try {
     if (o.concept) {
       if (!o.model) throw new SingleInsertError('--concept needs --model (the Stable Diffusion model to generate with)');
-      const concept = await readConcept(o.concept);
-      classWord = o.class ?? concept.classWord;
-      placeholder = o.placeholder ?? concept.placeholder;
-      source ??= concept.image ?? undefined;
-      sourceMask ??= concept.mask ?? undefined;
+      const concept = await loadConcept(o.concept, { placeholder: o.placeholder });
+      const cls = o.class ?? concept.classWord;
+      if (!cls) throw new SingleInsertError(`${path.join(o.concept, 'concept.json')} records no class word: pass --class`);
+      classWord = cls;
+      placeholder = concept.placeholder;
+      const sources = conceptSources(concept);
+      source ??= sources.image ?? undefined;
+      sourceMask ??= sources.mask ?? undefined;
       const n = o.seeds ?? 4;
       if (!Number.isInteger(n) || n < 1) throw new SingleInsertError(`Expected a positive integer for --seeds but received ${n}`);
       const first = o.seed ?? 0;
       const seeds = Array.from({ length: n }, (_, i) => first + i);
       const grid = await generateConceptGrid(
-        { model: o.model, concept, edits: presets.edits, seeds, steps: o.steps, scheduler: o.scheduler, guidance: o.guidance, width: o.width, height: o.height, out: path.join(out, 'generated'), device: o.device, dtype: o.dtype },
+        { model: o.model, concept: o.concept, classWord, placeholder, edits: presets.edits, seeds, steps: o.steps, scheduler: o.scheduler, guidance: o.guidance, width: o.width, height: o.height, out: path.join(out, 'generated'), device: o.device, dtype: o.dtype },
         { signal: io.signal, onProgress: (e) => report('generating', (e.image - 1) * e.steps + e.step, e.images * e.steps, `image ${e.image}/${e.images}`) },
       );
       images = grid.images;
