@@ -6,6 +6,7 @@ import yargs from 'yargs';
 import * as convert from './commands/convert';
 import * as evaluate from './commands/eval';
 import * as generate from './commands/generate';
+import * as demo from './commands/demo';
 import * as info from './commands/info';
 import * as inspect from './commands/inspect';
 import * as tokenize from './commands/tokenize';
@@ -19,6 +20,7 @@ export function buildCli(argv: string[]) {
     .command(generate)
     .command(evaluate)
     .command(convert)
+    .command(demo)
     .command(inspect)
     .command(tokenize)
     .command(train)
