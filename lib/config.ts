@@ -170,7 +170,7 @@ function resolveWith(spec: Record<string, KeySpec>, raw: Config, source: string,
     const value = present ? raw[key] : s.default;
     if (!s.ok(value)) {
       throw new SingleInsertError(
-        `${source}: config key "${prefix}${key}" is ${JSON.stringify(value)}, expected ${s.expected} (this value is not implemented)`,
+        `${source}: config key "${prefix}${key}" is ${JSON.stringify(value)}, expected ${s.expected} (this value is not supported)`,
       );
     }
     out[key] = value;

@@ -81,7 +81,7 @@ const SPECS: Record<ScheduleName, Record<string, KeySpec>> = {
   // scheduling_pndm.py
   pndm: {
     ...common('leading'),
-    skip_prk_steps: spec(is(true), 'true (the Runge-Kutta warm-up steps are not implemented)', false),
+    skip_prk_steps: spec(is(true), 'true (the Runge-Kutta warm-up steps are not supported)', false),
     set_alpha_to_one: spec(bool, 'a boolean', false),
   },
   // scheduling_euler_discrete.py
@@ -150,14 +150,14 @@ export function resolveSchedulerConfig(raw: Config, source: string, scheduler?: 
   for (const [key, s] of Object.entries(SPECS[name])) {
     const value = Object.prototype.hasOwnProperty.call(raw, key) ? raw[key] : s.default;
     if (!s.ok(value)) {
-      throw new SingleInsertError(`${source}: config key "${key}" is ${JSON.stringify(value)}, expected ${s.expected} (this value is not implemented)`);
+      throw new SingleInsertError(`${source}: config key "${key}" is ${JSON.stringify(value)}, expected ${s.expected} (this value is not supported)`);
     }
     out[key] = value;
   }
   if (name === 'dpmpp-2m') {
     const v = raw[DPM_LAMBDA_MIN_CLIPPED];
     if (v !== undefined && v !== null && v !== -Infinity) {
-      throw new SingleInsertError(`${source}: config key "${DPM_LAMBDA_MIN_CLIPPED}" is ${JSON.stringify(v)}, expected -Infinity (this value is not implemented)`);
+      throw new SingleInsertError(`${source}: config key "${DPM_LAMBDA_MIN_CLIPPED}" is ${JSON.stringify(v)}, expected -Infinity (this value is not supported)`);
     }
   }
   return out as ResolvedSchedulerConfig;

@@ -27,18 +27,18 @@ std::string require_one_of(const JsonValue& cfg, const std::string& key, const s
     if (v == a) return v;
   std::string expected;
   for (size_t i = 0; i < allowed.size(); ++i) expected += (i ? " or \"" : "\"") + allowed[i] + "\"";
-  throw std::invalid_argument("config key \"" + key + "\" is \"" + v + "\", expected " + expected + " (other values are not implemented)");
+  throw std::invalid_argument("config key \"" + key + "\" is \"" + v + "\", expected " + expected + " (other values are not supported)");
 }
 
 void require_bool(const JsonValue& cfg, const std::string& key, bool expected) {
   if (cfg_bool(cfg, key) != expected)
     throw std::invalid_argument("config key \"" + key + "\" is " + (expected ? "false" : "true") + ", expected " +
-                                (expected ? "true" : "false") + " (the other value is not implemented)");
+                                (expected ? "true" : "false") + " (the other value is not supported)");
 }
 
 void require_null(const JsonValue& cfg, const std::string& key) {
   const JsonValue& v = cfg_get(cfg, key);
-  if (v.kind != JsonValue::Null) throw std::invalid_argument("config key \"" + key + "\" is set, expected null (not implemented)");
+  if (v.kind != JsonValue::Null) throw std::invalid_argument("config key \"" + key + "\" is set, expected null (other values are not supported)");
 }
 
 // ---------------------------------------------------------------- numpy, in double
@@ -545,7 +545,7 @@ std::unique_ptr<Scheduler> construct_scheduler(const std::string& name, const Js
   }
   if (canon == "dpmpp-2m") {
     const int64_t order = cfg_int(config, "solver_order");
-    if (order != 1 && order != 2) throw std::invalid_argument("config key \"solver_order\" is " + std::to_string(order) + ", expected 1 or 2 (not implemented)");
+    if (order != 1 && order != 2) throw std::invalid_argument("config key \"solver_order\" is " + std::to_string(order) + ", expected 1 or 2 (higher orders are not supported)");
     require_one_of(config, "algorithm_type", {"dpmsolver++"});
     require_one_of(config, "solver_type", {"midpoint"});
     require_bool(config, "thresholding", false);

@@ -62,9 +62,9 @@ describe('strict loading', () => {
     expect(err!.message).toContain(path.join(dir, 'diffusion_pytorch_model.safetensors'));
   });
 
-  test('a config value that is not implemented names the file, the key and the value', async () => {
+  test('a config value that is not supported names the file, the key and the value', async () => {
     const dir = await editedComponent('unet', (t) => t, (c) => ({ ...c, act_fn: 'gelu' }));
-    await expect(loadComponent('unet', dir)).rejects.toThrow(`${path.join(dir, 'config.json')}: config key "act_fn" is "gelu", expected "silu" (this value is not implemented)`);
+    await expect(loadComponent('unet', dir)).rejects.toThrow(`${path.join(dir, 'config.json')}: config key "act_fn" is "gelu", expected "silu" (this value is not supported)`);
     const dir2 = await editedComponent('vae', (t) => t, (c) => ({ ...c, down_block_types: ['DownEncoderBlock2D', 'CrossAttnDownBlock2D', 'DownEncoderBlock2D', 'DownEncoderBlock2D'] }));
     await expect(loadComponent('vae', dir2)).rejects.toThrow(/config key "down_block_types" is \[.*"CrossAttnDownBlock2D".*\], expected a list of "DownEncoderBlock2D"/);
   });

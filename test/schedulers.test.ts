@@ -243,7 +243,7 @@ describe('argument and config validation', () => {
     // DDIM's clip_sample default is true: refused when the file does not say false ...
     const { clip_sample: _omit, ...noClip } = rawConfig;
     expect(() => resolveSchedulerConfig(noClip, 'cfg.json', 'ddim')).toThrow(
-      'cfg.json: config key "clip_sample" is true, expected false (this value is not implemented)',
+      'cfg.json: config key "clip_sample" is true, expected false (this value is not supported)',
     );
     // ... while Euler has no clip_sample at all
     expect(resolveSchedulerConfig({ ...rawConfig, clip_sample: true }, 'cfg.json', 'euler').clip_sample).toBeUndefined();
@@ -261,7 +261,7 @@ describe('argument and config validation', () => {
   const refused: Array<[string, Record<string, unknown>, string, string]> = [
     ['ddim', { beta_schedule: 'squaredcos_cap_v2' }, 'beta_schedule', '"squaredcos_cap_v2", expected "scaled_linear" or "linear"'],
     ['euler', { prediction_type: 'v_prediction' }, 'prediction_type', '"v_prediction", expected "epsilon"'],
-    ['pndm', { skip_prk_steps: false }, 'skip_prk_steps', 'false, expected true (the Runge-Kutta warm-up steps are not implemented)'],
+    ['pndm', { skip_prk_steps: false }, 'skip_prk_steps', 'false, expected true (the Runge-Kutta warm-up steps are not supported)'],
     ['ddim', { clip_sample: true }, 'clip_sample', 'true, expected false'],
     ['ddim', { timestep_spacing: 'trailing' }, 'timestep_spacing', '"trailing", expected "leading" or "linspace"'],
     ['pndm', { trained_betas: [0.1, 0.2] }, 'trained_betas', '[0.1,0.2], expected null'],
@@ -275,7 +275,7 @@ describe('argument and config validation', () => {
   ];
   test.each(refused)('%s refuses %j', (name, change, key, message) => {
     expect(() => schedulerInfo(name, { ...rawConfig, ...change }, 10, 'cfg.json')).toThrow(
-      `cfg.json: config key "${key}" is ${message} (this value is not implemented)`,
+      `cfg.json: config key "${key}" is ${message} (this value is not supported)`,
     );
   });
 
@@ -289,7 +289,7 @@ describe('argument and config validation', () => {
     );
     const broken = JSON.stringify({ ...JSON.parse(forPndm), skip_prk_steps: false });
     expect(() => (native() as any).schedulerInfo('pndm', broken, 10)).toThrow(
-      'schedulerInfo(pndm): config key "skip_prk_steps" is false, expected true (the other value is not implemented)',
+      'schedulerInfo(pndm): config key "skip_prk_steps" is false, expected true (the other value is not supported)',
     );
   });
 });
