@@ -595,6 +595,7 @@ async function sample(
   }
   if (callbackError) throw callbackError.error;
   if (signal?.aborted) throw new AbortError();
+  warnings.push(...(raw.warnings ?? [])); // e.g. an fp16 VAE decode redone in fp32
 
   // 9. postprocess: float NHWC -> per-image float and uint8 copies
   const { width, height } = v;

@@ -3,8 +3,8 @@
  * Every long-running call returns a promise and runs on a native worker thread.
  */
 export { AbortError, SingleInsertError } from './errors';
-export type { BuildInfo, DType, NativeTensor, Tensor, TypedArray } from './native';
-export { buildInfo, version } from './info';
+export type { BuildInfo, CudaDeviceInfo, DType, MemoryStats, NativeTensor, Tensor, TypedArray } from './native';
+export { buildInfo, memoryStats, resetPeakMemory, version } from './info';
 export { readSafetensors, readSafetensorsHeader, writeSafetensors } from './safetensors';
 export type { SafetensorsContents, SafetensorsHeader } from './safetensors';
 export { ClipTokenizer, bundledTokenizerDir } from './tokenizer';
@@ -31,7 +31,9 @@ export { contactSheet, sheetLayout } from './contact-sheet';
 export type { ContactSheetOptions, SheetLayout } from './contact-sheet';
 export { readPngText } from './png';
 export { train, Trainer, validateTrainOptions, STAGE1_DEFAULTS, STAGE2_DEFAULTS } from './train';
-export type { TrainOptions, TrainProgress, TrainResult, ConceptJson, TrainLosses } from './train';
+export type { TrainOptions, TrainProgress, TrainResult, ConceptJson, TrainLosses, TrainerPrecision, StepResult } from './train';
+export { loadRandomModel, loadRandomPipeline, SD15_CONFIGS, TINY_CONFIGS } from './random-model';
+export type { RandomLoadOptions } from './random-model';
 export { ensureTinyModel } from './tiny-model';
 export { convertCheckpoints } from './convert/convert';
 export type { ConvertOptions, ConvertReport } from './convert/convert';

@@ -20,22 +20,29 @@ export type DTypeOption = 'fp32' | 'fp16' | 'bf16';
 export interface LoadOptions {
   /** "cpu" (default), "cuda" or "cuda:N" */
   device?: string;
-  /** weights' dtype; fp16/bf16 files are converted on load. Default fp32. */
+  /**
+   * weights' dtype; files are converted on load. Default fp32. Latents, schedulers and losses stay
+   * fp32 whatever this is. fp16 needs CUDA (libtorch's CPU kernels lack it); use bf16 on the CPU.
+   */
   dtype?: DTypeOption;
+  /** the UNet's conv weights and inputs in channels-last memory order: faster cuDNN kernels on CUDA with bf16/fp16. Default false. */
+  channelsLast?: boolean;
 }
 
 const NATIVE_DTYPE: Record<DTypeOption, 'F32' | 'F16' | 'BF16'> = { fp32: 'F32', fp16: 'F16', bf16: 'BF16' };
 
-export function validateLoadOptions(options: LoadOptions = {}): { device: string; dtype: 'F32' | 'F16' | 'BF16' } {
+export function validateLoadOptions(options: LoadOptions = {}): { device: string; dtype: 'F32' | 'F16' | 'BF16'; channelsLast: boolean } {
   if (options === null || typeof options !== 'object') throw invalidParameterError('options', 'an object', options);
   const device = options.device ?? 'cpu';
   if (typeof device !== 'string' || !/^(cpu|cuda(:\d+)?)$/.test(device)) throw invalidParameterError('device', '"cpu", "cuda" or "cuda:N"', device);
   const dtype = options.dtype ?? 'fp32';
   if (!(dtype in NATIVE_DTYPE)) throw invalidParameterError('dtype', 'one of fp32, fp16, bf16', dtype);
+  const channelsLast = options.channelsLast ?? false;
+  if (typeof channelsLast !== 'boolean') throw invalidParameterError('channelsLast', 'a boolean', channelsLast);
   if (device.startsWith('cuda') && !native().buildInfo().cudaAvailable) {
     throw new SingleInsertError(`Expected a CUDA device for device "${device}" but this build of the addon sees none (libtorch ${native().buildInfo().torchVersion} from ${native().buildInfo().torchSource})`);
   }
-  return { device, dtype: NATIVE_DTYPE[dtype] };
+  return { device, dtype: NATIVE_DTYPE[dtype], channelsLast };
 }
 
 /** A model living in the addon. Calls are queued natively, so concurrent calls are safe. */
@@ -45,6 +52,10 @@ export class Model {
     readonly config: Config,
     readonly source: string,
     private handle: NativeModelHandle | null,
+    /** the dtype its weights were loaded in */
+    readonly dtype: DTypeOption = 'fp32',
+    /** where it lives: "cpu", "cuda" or "cuda:N" */
+    readonly device: string = 'cpu',
   ) {}
 
   get loadedTensors(): number {
@@ -79,8 +90,9 @@ export class Model {
 async function loadNative(kind: ModelKind, config: Config, files: string[], map: WeightMap, source: string, options: LoadOptions): Promise<Model> {
   const opts = validateLoadOptions(options);
   const stack = new Error();
-  const handle = await withCallerStack(native().loadModel(kind, JSON.stringify(config), { files, map }, opts), stack);
-  return new Model(kind, config, source, handle);
+  // channels-last is a UNet switch (its convs dominate); the other models load as they are
+  const handle = await withCallerStack(native().loadModel(kind, JSON.stringify(config), { files, map }, { ...opts, channelsLast: opts.channelsLast && kind === 'unet' }), stack);
+  return new Model(kind, config, source, handle, options.dtype ?? 'fp32', opts.device);
 }
 
 /** Loads one component folder (config.json + safetensors weights, sharded or not). */

@@ -15,11 +15,25 @@ export interface NativeTensor extends Tensor {
   dtype: DType;
 }
 
+/** A CUDA device as buildInfo() describes it. */
+export interface CudaDeviceInfo {
+  index: number;
+  name: string;
+  /** "9.0" for an H100 */
+  computeCapability: string;
+  totalMemoryBytes: number;
+  multiProcessors: number;
+}
+
 export interface BuildInfo {
   torchVersion: string;
   torchSource: 'LIBTORCH' | 'python' | 'system';
   cudaAvailable: boolean;
   cudaDeviceCount: number;
+  /** built against a CUDA libtorch with the CUDA extras (device properties, allocator statistics) */
+  cudaExtras: boolean;
+  /** every visible CUDA device (empty without CUDA or without the extras) */
+  cudaDevices: CudaDeviceInfo[];
   buildType: string;
   threads: number;
   interopThreads: number;
@@ -34,6 +48,19 @@ export interface NativeModelHandle {
   /** every parameter, copied, in its own dtype */
   stateDict(): Promise<Record<string, NativeTensor>>;
   dispose(): void;
+}
+
+/**
+ * Memory of a device (native/device_info.h): the CUDA caching allocator's numbers for a CUDA device
+ * (null on the CPU or without the CUDA extras), and the process's peak resident set size.
+ */
+export interface MemoryStats {
+  /** peak bytes in tensors since the last resetPeakMemory (or since the trainer's init) */
+  peakAllocatedBytes: number | null;
+  allocatedBytes: number | null;
+  reservedBytes: number | null;
+  /** getrusage's ru_maxrss: the whole process, never reset */
+  peakRssBytes: number | null;
 }
 
 /** native/generate.cc: options of one generation job (lib/generate.ts validates them first). */
@@ -56,12 +83,16 @@ export interface NativeGenerateOptions {
   returnIntermediates?: boolean;
   /** record the cross-attention map of one prompt position per image (int64 [B]) into `attention_maps` */
   recordAttention?: { tokenIndex: Tensor };
+  /** decode with float32 VAE weights whatever the VAE's dtype (A1111's --no-half-vae); default false */
+  vaeFloat32?: boolean;
 }
 export interface NativeGenerateResult {
   /** [B, H, W, 3] float32 in [0, 1] */
   images: NativeTensor;
   /** final latents [B, 4, H/8, W/8] float32 */
   latents: NativeTensor;
+  /** e.g. an fp16 VAE decode that overflowed and was redone in fp32 */
+  warnings: string[];
   /** with returnIntermediates: timesteps, initial_latents, unet_inputs, unet_outputs, noise_pred_guided, latents_after_step, decoded_raw */
   intermediates?: Record<string, NativeTensor>;
   /** with recordAttention: [B, H/8, W/8] float32, the token's cross-attention summed over layers and steps */
@@ -78,12 +109,25 @@ export interface NativeAddon {
   buildInfo(): BuildInfo;
   readSafetensors(path: string, headerOnly?: boolean): Promise<{ metadata: Record<string, string>; tensors: Record<string, any> }>;
   writeSafetensors(path: string, tensors: Record<string, Tensor>, metadata?: Record<string, string>): Promise<void>;
+  /**
+   * weights.random = seed: no files, every weight drawn natively (native/random_init.h), for
+   * benchmarks at full size. options.channelsLast: the UNet in channels-last memory order (other kinds ignore it).
+   */
   loadModel(
     kind: string,
     configJson: string,
-    weights: { files: string[]; map?: Array<[string, number, string, boolean?]> },
-    options?: { device?: string; dtype?: 'F32' | 'F16' | 'BF16' },
+    weights: { files: string[]; map?: Array<[string, number, string, boolean?]>; random?: number },
+    options?: { device?: string; dtype?: 'F32' | 'F16' | 'BF16'; channelsLast?: boolean },
   ): Promise<NativeModelHandle>;
+  /** see MemoryStats; device "cpu", "cuda" or "cuda:N" */
+  memoryStats(device: string): MemoryStats;
+  /** starts a new CUDA peak for memoryStats (no-op on the CPU) */
+  resetPeakMemory(device: string): void;
+  /**
+   * libtorch's process-wide CUDA math switches; returns the values before the call. tf32 sets TF32
+   * for cuDNN convs and cuBLAS matmuls together (defaults, as PyTorch: convs on, matmuls off).
+   */
+  mathOptions(options?: { tf32?: boolean; cudnnBenchmark?: boolean }): { tf32CuDNN: boolean; tf32CuBLAS: boolean; cudnnBenchmark: boolean };
   describeModel(kind: string, configJson: string): Array<[string, number[]]>;
   /** onProgress(step, total, elapsedSec) after each UNet call, always before the promise settles */
   generate(
@@ -124,6 +168,16 @@ export interface NativeTrainerOptions {
   eta?: number;
   fgNorm?: 'mean' | 'mask';
   seed: number;
+  /** recompute the UNet's blocks in backward (less memory, same results); default false */
+  gradCheckpointing?: boolean;
+}
+
+/** The models' dtypes a trainer found, and whether it scales the loss (any fp16 model). */
+export interface TrainerPrecision {
+  unet: 'fp32' | 'bf16' | 'fp16';
+  vae: 'fp32' | 'bf16' | 'fp16';
+  textEncoder: 'fp32' | 'bf16' | 'fp16';
+  lossScaling: boolean;
 }
 
 export interface TrainLosses {
@@ -142,13 +196,13 @@ export interface NativeTrainerState {
 }
 
 export interface NativeTrainer {
-  init(): Promise<{ latentShape: number[]; hidden: number; encoderParameters: number; state: NativeTrainerState }>;
+  init(): Promise<{ latentShape: number[]; hidden: number; encoderParameters: number; state: NativeTrainerState; precision: TrainerPrecision }>;
   /**
    * One AdamW step; `step` is the step's index in its stage and must equal stepsDone[stage-1]. t and
    * noise are drawn from (seed, stage, step), unless a fixed batch (timesteps int64 [B], noise
    * [B, 4, h, w]) is given.
    */
-  step(options: { stage: 1 | 2; batch: number; microBatch?: number; lr: number; step: number; timesteps?: Tensor; noise?: Tensor }): Promise<{ losses: TrainLosses; gradNorm: number; state: NativeTrainerState }>;
+  step(options: { stage: 1 | 2; batch: number; microBatch?: number; lr: number; step: number; timesteps?: Tensor; noise?: Tensor; returnGradients?: boolean }): Promise<NativeStepResult>;
   startStage2(options: { rank: number; alpha?: number }): Promise<{ modules: number; parameters: number; state: NativeTrainerState }>;
   /** the current stage's losses on a fixed batch (timesteps int64 [B], noise [B, 4, h, w]), no update */
   evaluate(options: { timesteps: Tensor; noise: Tensor; microBatch?: number }): Promise<TrainLosses>;
@@ -160,6 +214,22 @@ export interface NativeTrainer {
   exportConcept(dir: string, metadata: Record<string, string>): Promise<string[]>;
   /** removes the trainer's LoRA from the shared models; returns the adapters removed */
   dispose(): Promise<number>;
+}
+
+/** One trainer step's result. */
+export interface NativeStepResult {
+  losses: TrainLosses;
+  /** before clipping (unscaled) */
+  gradNorm: number;
+  /** fp16: the gradients held inf/NaN, so the update was skipped (and the loss scale halved) */
+  skipped: boolean;
+  /** fp16: the loss scale of this step; null without loss scaling */
+  lossScale: number | null;
+  /** the device's memory after the step (CUDA peak since the trainer's init) */
+  memory: MemoryStats;
+  state: NativeTrainerState;
+  /** with returnGradients: every trainable parameter's gradient by checkpoint key (unscaled, before clipping) */
+  gradients?: Record<string, NativeTensor>;
 }
 
 export interface NativeLossCaseOptions {
@@ -180,6 +250,8 @@ export interface NativeLossCaseOptions {
   lora: string;
   lora_target_keys: string[];
   star_token_id?: number;
+  /** run the UNet's blocks through gradient checkpointing (the same results) */
+  gradCheckpointing?: boolean;
 }
 
 export const packageRoot = path.resolve(__dirname, fs.existsSync(path.resolve(__dirname, '..', 'package.json')) ? '..' : '../..');

@@ -10,6 +10,12 @@
  *   <out>/lora.safetensors        kohya LoRA for the UNet and the text encoder (after stage II)
  *   <out>/encoder.safetensors     the trained image encoder (vision_model.*, visual_projection.weight, head.*)
  *   <out>/checkpoint/             with checkpointEvery: everything needed to resume bit-exactly
+ *
+ * Precision (`dtype`, native/train.h): the frozen UNet, VAE and text encoder run in fp32, bf16 or
+ * fp16 (fp16 on CUDA only); the image encoder, the LoRA adapters, the AdamW state, the losses and every
+ * file written stay fp32. fp16 scales the loss dynamically (2^16 to start, halved and the step skipped
+ * on inf/NaN gradients, doubled after 2000 good steps, as torch.cuda.amp.GradScaler); bf16 needs no
+ * scaling. `gradCheckpointing` recomputes the UNet's blocks in backward (less memory, same results).
  */
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -19,14 +25,14 @@ import { AbortError, describeValue, invalidParameterError, SingleInsertError } f
 import { clipProcessorConfig, ImageProcessorConfig, loadTrainingInputs, readPreprocessorConfig, RESOLUTION_MULTIPLE } from './image';
 import { version } from './info';
 import { componentWeightFiles, resolveModelPath } from './model-files';
-import { loadPipeline, Model, Pipeline } from './models';
-import { native, NativeModelHandle, NativeTensor, NativeTrainer, NativeTrainerState, Tensor, TrainLosses, withCallerStack } from './native';
+import { DTypeOption, loadPipeline, Model, Pipeline } from './models';
+import { MemoryStats, native, NativeModelHandle, NativeTensor, NativeTrainer, NativeTrainerState, Tensor, TrainerPrecision, TrainLosses, withCallerStack } from './native';
 import { CLASS_TEMPLATE, DEFAULT_PLACEHOLDER, fill, TRAIN_TEMPLATE } from './prompts';
 import { readSafetensorsHeader } from './safetensors';
 import { resolveSchedulerConfig } from './schedulers';
 import { CONCEPT_FORMAT, CONCEPT_VERSION, modelIdentity } from './concepts';
 
-export type { TrainLosses } from './native';
+export type { MemoryStats, TrainerPrecision, TrainLosses } from './native';
 
 // ---------------------------------------------------------------- defaults (the paper's recipe)
 
@@ -83,8 +89,17 @@ export interface StageOptions {
 export interface TrainOptions {
   /** a loaded pipeline (kept loaded), or a model folder / hub id / single file (loaded and disposed) */
   model: Pipeline | string;
-  /** with `model` as a path: where to load it, "cpu" (default), "cuda" or "cuda:N" (weights stay float32) */
+  /** with `model` as a path: where to load it, "cpu" (default), "cuda" or "cuda:N" */
   device?: string;
+  /**
+   * with `model` as a path: the frozen models' dtype, fp32 (default), bf16 or fp16 (CUDA only). What
+   * is trained (image encoder, LoRA) and everything written stays fp32. A loaded Pipeline keeps its own.
+   */
+  dtype?: DTypeOption;
+  /** with `model` as a path: the UNet in channels-last memory order (faster convs on CUDA with bf16/fp16); default false */
+  channelsLast?: boolean;
+  /** recompute the UNet's blocks in backward instead of keeping their activations: less memory, about one more UNet forward per step, the same results; default false */
+  gradCheckpointing?: boolean;
   /** image file, or inputs already loaded with loadTrainingInputs */
   image: string | TrainingInputs;
   /** mask file (white = subject); with `image` as a file only */
@@ -126,6 +141,14 @@ export interface TrainProgress {
   itPerSec: number;
   /** estimate for the remaining steps of every stage, at this stage's rate */
   etaSec: number;
+  /** fp16 models: the loss scale of this step (null without loss scaling) */
+  lossScale: number | null;
+  /** fp16 models: this step's gradients held inf/NaN, so its update was skipped (the loss scale halves) */
+  skipped: boolean;
+  /** CUDA: peak bytes in tensors since the trainer started (the caching allocator's count); null on the CPU */
+  peakMemoryBytes: number | null;
+  /** the process's peak resident set size so far (getrusage), bytes */
+  peakRssBytes: number | null;
 }
 
 export interface TrainCallbacks {
@@ -136,6 +159,10 @@ export interface TrainCallbacks {
 export interface ResolvedTrainOptions {
   modelPath: string | null;
   device: string;
+  /** null with a loaded Pipeline (its own dtypes are in concept.json's precision) */
+  dtype: DTypeOption | null;
+  channelsLast: boolean;
+  gradCheckpointing: boolean;
   image: string | null;
   mask: string | null;
   classWord: string;
@@ -184,6 +211,10 @@ export interface ConceptJson {
   imageEncoder: { source: string; config: Config };
   inputs: { image: string | null; mask: string | null; sha256: string; warnings: string[] };
   library: { name: string; version: string; torch: string };
+  /** the frozen models' dtypes; what was trained is always fp32. lossScaling: fp16's final scale and the steps it skipped in this run */
+  precision: { unet: string; vae: string; textEncoder: string; trainable: 'fp32'; lossScaling: { finalScale: number | null; skippedSteps: number } | null };
+  /** peak memory of this run: CUDA caching allocator (null on the CPU) and the process's peak RSS */
+  memory: { peakMemoryBytes: number | null; peakRssBytes: number | null };
   finalLosses: { stage1: TrainLosses | null; stage2: TrainLosses | null };
   timings: { totalSec: number; stage1Sec: number; stage2Sec: number; stage1SecPerStep: number | null; stage2SecPerStep: number | null; resumed: boolean };
   createdAt: string;
@@ -329,6 +360,20 @@ export function validateTrainOptions(options: TrainOptions): ResolvedTrainOption
   const device = o.device ?? 'cpu';
   if (typeof device !== 'string' || !/^(cpu|cuda(:\d+)?)$/.test(device)) throw invalidParameterError('device', '"cpu", "cuda" or "cuda:N"', device);
   if (o.device !== undefined && model instanceof Pipeline) throw invalidParameterError('device', 'no device with a loaded Pipeline (it stays where it was loaded)', o.device);
+  let dtype: DTypeOption | null = null;
+  if (model instanceof Pipeline) {
+    if (o.dtype !== undefined) throw invalidParameterError('dtype', 'no dtype with a loaded Pipeline (it keeps the dtype it was loaded with)', o.dtype);
+  } else {
+    const d = o.dtype !== undefined ? o.dtype : stored?.dtype ?? 'fp32';
+    if (d !== 'fp32' && d !== 'bf16' && d !== 'fp16') throw invalidParameterError('dtype', 'one of fp32, bf16, fp16', d);
+    if (d === 'fp16' && device === 'cpu') throw invalidParameterError('dtype', 'fp32 or bf16 on the CPU (fp16 needs CUDA; use bf16 on CPU)', d);
+    dtype = d;
+  }
+  const channelsLast = o.channelsLast ?? false;
+  if (typeof channelsLast !== 'boolean') throw invalidParameterError('channelsLast', 'a boolean', channelsLast);
+  if (o.channelsLast !== undefined && model instanceof Pipeline) throw invalidParameterError('channelsLast', 'no channelsLast with a loaded Pipeline (load it with channelsLast)', o.channelsLast);
+  const gradCheckpointing = o.gradCheckpointing ?? false;
+  if (typeof gradCheckpointing !== 'boolean') throw invalidParameterError('gradCheckpointing', 'a boolean', gradCheckpointing);
 
   // 3. inputs
   let image: string | null = null;
@@ -380,6 +425,9 @@ export function validateTrainOptions(options: TrainOptions): ResolvedTrainOption
   const resolved: ResolvedTrainOptions = {
     modelPath,
     device,
+    dtype,
+    channelsLast,
+    gradCheckpointing,
     image,
     mask,
     classWord,
@@ -458,6 +506,18 @@ export interface TrainerSetup {
   eta?: number;
   fgNorm?: 'mean' | 'mask';
   seed: number;
+  gradCheckpointing?: boolean;
+}
+
+/** One step's result (see TrainProgress for the fields beyond losses and gradNorm). */
+export interface StepResult {
+  losses: TrainLosses;
+  gradNorm: number;
+  skipped: boolean;
+  lossScale: number | null;
+  memory: MemoryStats;
+  /** with returnGradients: every trainable parameter's gradient (unscaled, before clipping), for parity tests */
+  gradients?: Record<string, NativeTensor>;
 }
 
 /**
@@ -471,6 +531,8 @@ export class Trainer {
     readonly latentShape: number[],
     readonly encoderParameters: number,
     public state: NativeTrainerState,
+    /** the models' dtypes and whether the loss is scaled (fp16) */
+    readonly precision: TrainerPrecision,
   ) {}
 
   static async create(pipeline: Pipeline, setup: TrainerSetup): Promise<Trainer> {
@@ -500,10 +562,11 @@ export class Trainer {
       eta: setup.eta ?? 1,
       fgNorm: setup.fgNorm ?? 'mean',
       seed: setup.seed,
+      gradCheckpointing: setup.gradCheckpointing ?? false,
     });
     try {
       const info = await withCallerStack(nativeTrainer.init(), stack);
-      return new Trainer(nativeTrainer, info.hidden, info.latentShape, info.encoderParameters, info.state);
+      return new Trainer(nativeTrainer, info.hidden, info.latentShape, info.encoderParameters, info.state, info.precision);
     } catch (e) {
       await nativeTrainer.dispose();
       throw e;
@@ -528,11 +591,11 @@ export class Trainer {
   }
 
   /** One step; t and noise come from (seed, stage, step) unless a fixed batch is given. */
-  async step(options: { stage: 1 | 2; batch: number; microBatch?: number; lr: number; step: number; timesteps?: Tensor; noise?: Tensor }): Promise<{ losses: TrainLosses; gradNorm: number }> {
+  async step(options: { stage: 1 | 2; batch: number; microBatch?: number; lr: number; step: number; timesteps?: Tensor; noise?: Tensor; returnGradients?: boolean }): Promise<StepResult> {
     const stack = new Error();
     const r = await withCallerStack(this.live().step(options), stack);
     this.state = r.state;
-    return { losses: r.losses, gradNorm: r.gradNorm };
+    return { losses: r.losses, gradNorm: r.gradNorm, skipped: r.skipped, lossScale: r.lossScale, memory: r.memory, ...(r.gradients ? { gradients: r.gradients } : {}) };
   }
 
   async startStage2(options: { rank: number; alpha?: number }): Promise<{ modules: number; parameters: number }> {
@@ -622,7 +685,7 @@ export async function train(options: TrainOptions, callbacks: TrainCallbacks = {
 
   const imageArg = options.image !== undefined ? options.image : (o.image as string);
   const started = performance.now();
-  const pipeline = options.model instanceof Pipeline ? options.model : await loadPipeline(o.modelPath as string, { device: o.device });
+  const pipeline = options.model instanceof Pipeline ? options.model : await loadPipeline(o.modelPath as string, { device: o.device, dtype: o.dtype ?? 'fp32', channelsLast: o.channelsLast });
   const ownsPipeline = !(options.model instanceof Pipeline);
   let trainer: Trainer | null = null;
   try {
@@ -638,12 +701,15 @@ export async function train(options: TrainOptions, callbacks: TrainCallbacks = {
       eta: o.eta,
       fgNorm: o.fgNorm,
       seed: o.seed,
+      gradCheckpointing: o.gradCheckpointing,
     });
 
     // 2. resume: the checkpoint's weights, optimizer state and counters
     const timings = { stage1Sec: 0, stage2Sec: 0 };
     const finalLosses: CheckpointMeta['finalLosses'] = { stage1: null, stage2: null };
     let lastCheckpoint: { stage: number; step: number } | null = null;
+    const memory: ConceptJson['memory'] = { peakMemoryBytes: null, peakRssBytes: null };
+    const scaling = { finalScale: null as number | null, skippedSteps: 0 };
     if (o.resume) {
       const meta = readCheckpointMeta(o.resume);
       if (meta.inputsSha256 !== inputsSha256) throw new SingleInsertError(`The image or mask differs from the one the checkpoint in ${o.resume} was trained on`);
@@ -682,7 +748,15 @@ export async function train(options: TrainOptions, callbacks: TrainCallbacks = {
         if (o.checkpointEvery && (done % o.checkpointEvery === 0 || (done === steps && stage === 1 && stages.includes(2)))) await checkpoint(stage, done);
         const itPerSec = (done - first) / Math.max(elapsed, 1e-9);
         const remaining = steps - done + stages.filter((s) => s > stage).reduce((n, s) => n + stepsOf(s), 0);
-        onProgress?.({ stage, step: done, steps, losses: r.losses, lr, gradNorm: r.gradNorm, itPerSec, etaSec: remaining / itPerSec });
+        const max = (a: number | null, b: number | null) => (a === null ? b : b === null ? a : Math.max(a, b));
+        memory.peakMemoryBytes = max(memory.peakMemoryBytes, r.memory.peakAllocatedBytes);
+        memory.peakRssBytes = max(memory.peakRssBytes, r.memory.peakRssBytes);
+        if (r.lossScale !== null) scaling.finalScale = r.lossScale;
+        if (r.skipped) scaling.skippedSteps++;
+        onProgress?.({
+          stage, step: done, steps, losses: r.losses, lr, gradNorm: r.gradNorm, itPerSec, etaSec: remaining / itPerSec,
+          lossScale: r.lossScale, skipped: r.skipped, peakMemoryBytes: r.memory.peakAllocatedBytes, peakRssBytes: r.memory.peakRssBytes,
+        });
       }
     }
     if (signal?.aborted) {
@@ -729,11 +803,22 @@ export async function train(options: TrainOptions, callbacks: TrainCallbacks = {
         softMask: o.softMask,
         optimizer: OPTIMIZER,
         newOptimizerPerStage: true,
+        dtype: o.dtype ?? trainer.precision.unet,
+        gradCheckpointing: o.gradCheckpointing,
+        channelsLast: o.channelsLast,
       },
       baseModel,
       imageEncoder: { source: o.imageEncoder.source, config: o.imageEncoder.config },
       inputs: { image: o.image, mask: o.mask, sha256: inputsSha256, warnings: inputs.warnings ?? [] },
       library: { name: 'singleinsert-native', version: version(), torch: build.torchVersion },
+      precision: {
+        unet: trainer.precision.unet,
+        vae: trainer.precision.vae,
+        textEncoder: trainer.precision.textEncoder,
+        trainable: 'fp32',
+        lossScaling: trainer.precision.lossScaling ? scaling : null,
+      },
+      memory: { ...memory, peakRssBytes: memory.peakRssBytes ?? native().memoryStats('cpu').peakRssBytes },
       finalLosses,
       timings: {
         totalSec: (performance.now() - started) / 1000,

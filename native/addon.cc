@@ -12,6 +12,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   si::register_lora(env, exports);
   si::register_generate(env, exports);
   si::register_train(env, exports);
+  si::register_device(env, exports);
   return exports;
 }
 

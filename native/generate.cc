@@ -2,9 +2,10 @@
 //   generate(unet, vae, options, onProgress?) -> { promise, cancel }
 //     options: { promptEmbeds, negativeEmbeds?, guidance, steps, scheduler, schedulerConfig (JSON text,
 //                resolved by lib/schedulers.ts), eta, height, width, latents?, seed, returnIntermediates,
-//                recordAttention?: { tokenIndex: int64 [B] } }
+//                recordAttention?: { tokenIndex: int64 [B] }, vaeFloat32? }
 //     onProgress(step, total, elapsedSec) after every UNet call, always before the promise settles
-//     promise -> { images [B,H,W,3] F32, latents [B,4,h,w] F32, intermediates?, attention_maps? [B,h,w] F32 }
+//     promise -> { images [B,H,W,3] F32, latents [B,4,h,w] F32, warnings: string[], intermediates?,
+//                  attention_maps? [B,h,w] F32 }
 //     cancel() stops the job before its next UNet call; the promise then rejects with an Error
 //     whose `cancelled` property is true (lib/generate.ts turns it into an AbortError).
 //   seededRandn(shape, seed) -> tensor: the draw generation uses for its initial latents.
@@ -28,6 +29,7 @@
 #include "bindings.h"
 #include "js_tensor.h"
 #include "model_handle.h"
+#include "precision.h"
 #include "unet.h"
 #include "vae.h"
 
@@ -135,11 +137,45 @@ DenoiseResult denoise_latents(UNet2DConditionModelImpl& unet, const at::TensorOp
   return result;
 }
 
-DecodeResult decode_latents(AutoencoderKLImpl& vae, const at::TensorOptions& vae_opts, const at::Tensor& latents) {
+const char* const kVaeFloat32FallbackWarning =
+    "The fp16 VAE decode produced inf/NaN values (SD v1.5's VAE overflows in fp16); the images were decoded again in fp32";
+
+namespace {
+
+// vae.decode(z) with float32 weights: the VAE is cast to float32 in place for the call and back to
+// its dtype after it. Exact both ways (every fp16/bf16 value is a float32 value), and it needs the
+// float32 copy of the weights only for the call; the caller's VAE lock keeps other jobs out meanwhile.
+at::Tensor decode_float32(AutoencoderKLImpl& vae, at::ScalarType dtype, const at::Tensor& z) {
+  vae.to(at::kFloat);
+  at::Tensor decoded;
+  try {
+    decoded = vae.decode(z.to(at::kFloat));
+  } catch (...) {
+    vae.to(dtype);
+    throw;
+  }
+  vae.to(dtype);
+  return decoded;
+}
+
+}  // namespace
+
+DecodeResult decode_latents(AutoencoderKLImpl& vae, const at::TensorOptions& vae_opts, const at::Tensor& latents, bool float32) {
   // latents: [B, 4, h, w] -> decoded: [B, 3, 8h, 8w]
-  at::Tensor z = (latents.to(at::kFloat) / vae.scaling_factor).to(vae_opts.device(), vae_opts.dtype().toScalarType());
+  const at::ScalarType dtype = vae_opts.dtype().toScalarType();
+  at::Tensor z = (latents.to(at::kFloat) / vae.scaling_factor).to(vae_opts.device(), float32 ? at::kFloat : dtype);
   DecodeResult out;
-  out.decoded_raw = vae.decode(z).to(at::kCPU, at::kFloat);
+  at::Tensor decoded;
+  if (float32 && dtype != at::kFloat) {
+    decoded = decode_float32(vae, dtype, z);
+  } else {
+    decoded = with_precision_hint(vae_opts, [&] { return vae.decode(z); });
+    if (dtype == at::kHalf && !at::isfinite(decoded).all().item<bool>()) {
+      decoded = decode_float32(vae, dtype, z);
+      out.warnings.push_back(kVaeFloat32FallbackWarning);
+    }
+  }
+  out.decoded_raw = decoded.to(at::kCPU, at::kFloat);
   // VaeImageProcessor.postprocess(output_type="np"): denormalize, then NCHW -> NHWC float32
   out.images = (out.decoded_raw / 2 + 0.5).clamp(0, 1).permute({0, 2, 3, 1}).contiguous();
   return out;
@@ -185,11 +221,11 @@ class GenerateWorker : public Napi::AsyncProgressQueueWorker<ProgressEvent> {
           e.elapsed_sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
           progress.Send(&e, 1);
         };
-        denoised_ = denoise_latents(unet, unet_->opts, params_, on_step, cancel_.get());
+        denoised_ = with_precision_hint(unet_->opts, [&] { return denoise_latents(unet, unet_->opts, params_, on_step, cancel_.get()); });
       }
       if (cancel_->load()) throw GenerationCancelled();
       std::lock_guard<std::mutex> lock(vae_->mutex);
-      decoded_ = decode_latents(vae, vae_->opts, denoised_.latents);
+      decoded_ = decode_latents(vae, vae_->opts, denoised_.latents, params_.vae_float32);
     } catch (const GenerationCancelled&) {
       cancelled_ = true;
       SetError(context_ + ": cancelled");
@@ -224,6 +260,9 @@ class GenerateWorker : public Napi::AsyncProgressQueueWorker<ProgressEvent> {
       o.Set("images", tensor_to_js(env, decoded_.images));
       o.Set("latents", tensor_to_js(env, denoised_.latents.to(at::kCPU, at::kFloat)));
       if (denoised_.attention_maps.defined()) o.Set("attention_maps", tensor_to_js(env, denoised_.attention_maps));
+      Napi::Array warnings = Napi::Array::New(env, decoded_.warnings.size());
+      for (size_t i = 0; i < decoded_.warnings.size(); ++i) warnings.Set(static_cast<uint32_t>(i), decoded_.warnings[i]);
+      o.Set("warnings", warnings);
       if (params_.record) {
         Napi::Object inter = Napi::Object::New(env);
         for (const auto& [k, v] : denoised_.intermediates) inter.Set(k, tensor_to_js(env, v));
@@ -301,6 +340,10 @@ Napi::Value Generate(const Napi::CallbackInfo& info) {
     if (p.attention_token_index.scalar_type() != at::kLong || p.attention_token_index.dim() != 1 || p.prompt_embeds.dim() < 1 ||
         p.attention_token_index.size(0) != p.prompt_embeds.size(0))
       throw Napi::TypeError::New(env, "Expected an int64 tensor [B] (one prompt position per image) for options.recordAttention.tokenIndex");
+  }
+  if (has(o, "vaeFloat32")) {
+    if (!o.Get("vaeFloat32").IsBoolean()) throw Napi::TypeError::New(env, "Expected a boolean for options.vaeFloat32");
+    p.vae_float32 = o.Get("vaeFloat32").As<Napi::Boolean>().Value();
   }
   if (!p.prompt_embeds.is_floating_point()) throw Napi::TypeError::New(env, "Expected floating-point options.promptEmbeds");
   Napi::Function on_progress;

@@ -24,6 +24,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "model.h"
 #include "schedulers.h"
@@ -54,6 +55,8 @@ struct GenerateParams {
   // [B] int64, one prompt position per image: record the cross-attention map of that text token
   // (attention.h AttentionRecorder) into DenoiseResult::attention_maps. Undefined: no recording.
   at::Tensor attention_token_index;
+  // Decode with float32 VAE weights whatever the VAE's dtype (A1111's --no-half-vae); see decode_latents.
+  bool vae_float32 = false;
 };
 
 // What the loop saw (record = true), float32:
@@ -73,6 +76,7 @@ struct DenoiseResult {
 struct DecodeResult {
   at::Tensor images;       // [B, H, W, 3] float32 in [0, 1] on the CPU: clamp(x/2 + 0.5, 0, 1), NHWC
   at::Tensor decoded_raw;  // [B, 3, H, W] float32 = vae.decode(latents / scaling_factor), before the clamp
+  std::vector<std::string> warnings;  // e.g. the fp16 decode overflowed and was redone in float32
 };
 
 // Called after every model call with (calls done, total calls); runs on the calling thread.
@@ -94,6 +98,13 @@ DenoiseResult denoise_latents(UNet2DConditionModelImpl& unet, const at::TensorOp
 
 // Step 8 (decode): vae.decode(latents / scaling_factor), then diffusers' VaeImageProcessor
 // postprocess for output_type "np". The caller holds the VAE's lock and a NoGradGuard.
-DecodeResult decode_latents(AutoencoderKLImpl& vae, const at::TensorOptions& vae_opts, const at::Tensor& latents);
+// Precision: the decode runs in the VAE's dtype, except
+//   - float32 = true: in float32 (the weights are cast for the call and back, exactly);
+//   - an fp16 VAE whose output holds inf/NaN (SD v1.5's VAE is known to overflow in fp16, which is why
+//     diffusers' SDXL pipelines upcast it): the decode is redone in float32 and a warning says so.
+DecodeResult decode_latents(AutoencoderKLImpl& vae, const at::TensorOptions& vae_opts, const at::Tensor& latents, bool float32 = false);
+
+// The warning decode_latents adds when it redid an fp16 decode in float32.
+extern const char* const kVaeFloat32FallbackWarning;
 
 }  // namespace si

@@ -135,6 +135,7 @@ Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   bool cuda = torch::cuda::is_available();
   o.Set("cudaAvailable", cuda);
   o.Set("cudaDeviceCount", static_cast<double>(cuda ? torch::cuda::device_count() : 0));
+  add_cuda_build_info(env, o);  // cudaExtras, cudaDevices (name, compute capability, memory)
 #ifdef NDEBUG
   o.Set("buildType", "Release");
 #else

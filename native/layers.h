@@ -44,15 +44,24 @@ inline bool& lora_bypassed() {
   return bypassed;
 }
 
-// Adds the active adapters' branches to the base output y; `branch(a)` computes up(down(x)).
+// Adds the active adapters' branches to the base output y; `branch(a, x_a)` computes up(down(x_a)).
+// Adapters may be in another dtype than the layer: training keeps them float32 on bf16/fp16 layers
+// (native/precision.h). Then the branch runs in the adapter's dtype on x cast to it, and its result
+// is cast back to y's dtype; gradients flow through both casts. When the dtypes agree nothing is
+// cast, so float32 layers compute exactly what they did before mixed precision existed.
 template <typename Branch>
-at::Tensor add_lora(at::Tensor y, const LoraAdapters& lora, Branch branch) {
+at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const LoraAdapters& lora, Branch branch) {
   const bool bypass = lora_bypassed();
   for (const auto& a : lora) {
     // a merged adapter lives inside the weight: it cannot be left out by a bypass
     TORCH_CHECK(!(bypass && a->merged && a->enabled), "LoRA \"", a->name, "\" is merged into the weights and cannot be bypassed; unmerge it first");
     if (bypass || !a->active()) continue;
-    y = y + branch(*a) * a->multiplier();
+    const at::ScalarType t = a->down.scalar_type();
+    if (t == x.scalar_type()) {
+      y = y + branch(*a, x) * a->multiplier();
+    } else {
+      y = y + (branch(*a, x.to(t)) * a->multiplier()).to(y.scalar_type());
+    }
   }
   return y;
 }
@@ -67,7 +76,7 @@ class LinearImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x) {
     at::Tensor y = at::linear(x, weight, bias);
     if (lora.empty()) return y;
-    return add_lora(y, lora, [&](const LoraAdapter& a) { return at::linear(at::linear(x, a.down), a.up); });
+    return add_lora(y, x, lora, [&](const LoraAdapter& a, const at::Tensor& xa) { return at::linear(at::linear(xa, a.down), a.up); });
   }
 
   int64_t in_features, out_features;
@@ -88,8 +97,8 @@ class Conv2dImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x) {
     at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
     if (lora.empty()) return y;
-    return add_lora(y, lora, [&](const LoraAdapter& a) {
-      return at::conv2d(at::conv2d(x, a.down, {}, {stride, stride}, {padding, padding}), a.up);
+    return add_lora(y, x, lora, [&](const LoraAdapter& a, const at::Tensor& xa) {
+      return at::conv2d(at::conv2d(xa, a.down, {}, {stride, stride}, {padding, padding}), a.up);
     });
   }
 

@@ -145,7 +145,7 @@ std::vector<LoraLayer> lora_targets(torch::nn::Module& module, const std::string
 }
 
 std::vector<at::Tensor> create_lora(torch::nn::Module& module, const std::string& prefix, int64_t rank, double alpha, LoraInit init,
-                                    const std::string& name, c10::optional<at::Generator> generator) {
+                                    const std::string& name, c10::optional<at::Generator> generator, c10::optional<at::ScalarType> dtype) {
   if (rank < 1) throw std::invalid_argument("LoRA rank must be at least 1, got " + std::to_string(rank));
   if (!(alpha > 0) || !std::isfinite(alpha)) throw std::invalid_argument("LoRA alpha must be a positive number, got " + python_float(alpha));
   if (name.empty()) throw std::invalid_argument("a LoRA needs a non-empty name");
@@ -172,8 +172,9 @@ std::vector<at::Tensor> create_lora(torch::nn::Module& module, const std::string
     adapter->name = name;
     adapter->rank = rank;
     adapter->alpha = alpha;
-    adapter->down = down.to(w.device(), w.scalar_type()).requires_grad_(true);
-    adapter->up = at::zeros(layer.up_shape(rank), w.options()).requires_grad_(true);
+    const at::ScalarType t = dtype.value_or(w.scalar_type());
+    adapter->down = down.to(w.device(), t).requires_grad_(true);
+    adapter->up = at::zeros(layer.up_shape(rank), w.options().dtype(t)).requires_grad_(true);
     layer.adapters().push_back(adapter);
     params.push_back(adapter->down);
     params.push_back(adapter->up);

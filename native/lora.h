@@ -61,14 +61,16 @@ enum class LoraInit {
   Gaussian,        // PEFT's init_lora_weights="gaussian": N(0, 1/r)
 };
 
-// Attaches a new trainable adapter named `name` to every target layer: down and up in the layer's
-// dtype and device, requires_grad = true. Drawn on the CPU (from `generator` when given, so a seed
-// gives the same adapters on every device) in sorted kohya-name order. Returns the parameters for
-// the optimizer, in that order: down, up of the first layer, then the next layer's.
-// Throws when a LoRA called `name` is already attached, or rank < 1.
+// Attaches a new trainable adapter named `name` to every target layer: down and up on the layer's
+// device, in `dtype` (default: the layer's dtype; training passes float32 so that adapters on bf16/fp16
+// layers keep full precision, see add_lora in layers.h), requires_grad = true. Drawn on the CPU in
+// float32 (from `generator` when given, so a seed gives the same adapters on every device) in sorted
+// kohya-name order. Returns the parameters for the optimizer, in that order: down, up of the first
+// layer, then the next layer's. Throws when a LoRA called `name` is already attached, or rank < 1.
 std::vector<at::Tensor> create_lora(torch::nn::Module& module, const std::string& prefix, int64_t rank, double alpha,
                                     LoraInit init = LoraInit::KaimingUniform, const std::string& name = "default",
-                                    c10::optional<at::Generator> generator = c10::nullopt);
+                                    c10::optional<at::Generator> generator = c10::nullopt,
+                                    c10::optional<at::ScalarType> dtype = c10::nullopt);
 
 struct LoraApplyReport {
   size_t modules = 0;                // adapters attached

@@ -1,5 +1,7 @@
 // Model registry, config readers and the JS bindings for loaded models:
-//   loadModel(kind, configJson, { files, map? }, { device, dtype }) -> Promise<ModelHandle>
+//   loadModel(kind, configJson, { files, map? } | { files: [], random: seed }, { device, dtype, channelsLast? }) -> Promise<ModelHandle>
+//     random: no files, every weight drawn by random_init (benchmarks at full size without downloads)
+//     channelsLast: the UNet's conv weights and inputs in channels-last memory order (other kinds ignore it)
 //   describeModel(kind, configJson) -> [[key, shape], ...]   (built on the meta device, no memory)
 //   ModelHandle.run(method, inputs) -> Promise<outputs>, .dispose()
 #include <ATen/ATen.h>
@@ -7,6 +9,7 @@
 #include <napi.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -16,7 +19,10 @@
 #include "js_tensor.h"
 #include "model.h"
 #include "model_handle.h"
+#include "precision.h"
+#include "random_init.h"
 #include "safetensors.h"
+#include "unet.h"
 #include "weights.h"
 #include "worker.h"
 
@@ -126,12 +132,27 @@ at::TensorOptions parse_options(Napi::Env env, const Napi::Value& v) {
   }
 }
 
+// What loadModel does besides reading weights.
+struct LoadFlags {
+  bool random = false;     // fill with random_init(seed) instead of reading files
+  uint64_t seed = 0;
+  bool channels_last = false;  // UNet only (see UNet2DConditionModelImpl::set_channels_last)
+};
+
+bool channels_last_option(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsObject()) return false;
+  Napi::Value c = v.As<Napi::Object>().Get("channelsLast");
+  if (c.IsUndefined() || c.IsNull()) return false;
+  if (!c.IsBoolean()) throw Napi::TypeError::New(env, "Expected a boolean for options.channelsLast");
+  return c.As<Napi::Boolean>().Value();
+}
+
 class LoadWorker : public PromiseWorker {
  public:
   LoadWorker(Napi::Env env, std::string kind, std::string config, std::vector<std::string> files,
-             std::vector<WeightSource> map, bool identity, at::TensorOptions opts)
+             std::vector<WeightSource> map, bool identity, at::TensorOptions opts, LoadFlags flags)
       : PromiseWorker(env, "loadModel(" + kind + ")"), kind_(std::move(kind)), config_(std::move(config)),
-        files_(std::move(files)), map_(std::move(map)), identity_(identity), opts_(opts) {}
+        files_(std::move(files)), map_(std::move(map)), identity_(identity), opts_(opts), flags_(flags) {}
 
  protected:
   void Run() override {
@@ -140,6 +161,11 @@ class LoadWorker : public PromiseWorker {
     loaded->kind = kind_;
     loaded->opts = opts_;
     loaded->model = make_model(kind_, cfg, opts_);
+    if (flags_.random) {
+      loaded_count_ = random_init(loaded->model->module(), flags_.seed);
+      finish(loaded);
+      return;
+    }
     std::vector<std::shared_ptr<SafetensorsFile>> opened;
     for (const auto& f : files_) opened.push_back(SafetensorsFile::open(f));
     if (identity_) {
@@ -148,7 +174,11 @@ class LoadWorker : public PromiseWorker {
         for (const auto& t : opened[i]->tensors()) map_.push_back({t.name, i, t.name, false});
     }
     loaded_count_ = load_weights_strict(loaded->model->module(), opened, map_, kind_);
+    finish(loaded);
+  }
+  void finish(const std::shared_ptr<LoadedModel>& loaded) {
     loaded->model->module().eval();
+    if (flags_.channels_last && kind_ == "unet") dynamic_cast<UNet2DConditionModelImpl&>(loaded->model->module()).set_channels_last(true);
     loaded_ = loaded;
   }
   Napi::Value Result(Napi::Env env) override {
@@ -167,6 +197,7 @@ class LoadWorker : public PromiseWorker {
   std::vector<WeightSource> map_;
   bool identity_;
   at::TensorOptions opts_;
+  LoadFlags flags_;
   std::shared_ptr<LoadedModel> loaded_;
   size_t loaded_count_ = 0;
 };
@@ -187,7 +218,7 @@ class RunWorker : public PromiseWorker {
       bool cast = v.is_floating_point() && k != "timestep";
       moved[k] = cast ? v.to(model_->opts.device(), model_->opts.dtype().toScalarType()) : v.to(model_->opts.device());
     }
-    outputs_ = model_->model->run(method_, moved);
+    outputs_ = with_precision_hint(model_->opts, [&] { return model_->model->run(method_, moved); });
   }
   Napi::Value Result(Napi::Env env) override {
     Napi::Object o = Napi::Object::New(env);
@@ -303,6 +334,17 @@ Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   Napi::Array fa = weights.Get("files").As<Napi::Array>();
   for (uint32_t i = 0; i < fa.Length(); ++i) files.push_back(fa.Get(i).ToString().Utf8Value());
   std::vector<WeightSource> map;
+  LoadFlags flags;
+  Napi::Value random = weights.Get("random");
+  if (!random.IsUndefined() && !random.IsNull()) {
+    const double seed = random.IsNumber() ? random.As<Napi::Number>().DoubleValue() : -1;
+    if (!(seed >= 0 && seed <= 9007199254740991.0 && seed == std::floor(seed)))
+      throw Napi::TypeError::New(env, "Expected a non-negative safe integer seed for weights.random");
+    if (!files.empty()) throw Napi::TypeError::New(env, "Expected no weights.files with weights.random (the weights are drawn, not read)");
+    flags.random = true;
+    flags.seed = static_cast<uint64_t>(seed);
+  }
+  flags.channels_last = channels_last_option(env, info[3]);
   bool identity = !weights.Get("map").IsArray();
   if (!identity) {
     Napi::Array ma = weights.Get("map").As<Napi::Array>();
@@ -312,7 +354,7 @@ Napi::Value LoadModel(const Napi::CallbackInfo& info) {
                      e.Get(2u).ToString().Utf8Value(), e.Length() > 3 && e.Get(3u).ToBoolean().Value()});
     }
   }
-  auto* w = new LoadWorker(env, kind, config, std::move(files), std::move(map), identity, parse_options(env, info[3]));
+  auto* w = new LoadWorker(env, kind, config, std::move(files), std::move(map), identity, parse_options(env, info[3]), flags);
   w->Queue();
   return w->Promise();
 }

@@ -81,13 +81,14 @@ void freeze(torch::nn::Module& module) {
   for (auto& p : module.parameters(/*recurse=*/true)) p.requires_grad_(false);
 }
 
-// Training needs float32 weights on one device; the three models must agree.
+// Training needs the three models on one device, each in fp32, bf16 or fp16 (fp16 on CUDA only).
 void check_models(const LoadedModel& unet, const LoadedModel& vae, const LoadedModel& text) {
   for (const LoadedModel* m : {&unet, &vae, &text}) {
-    if (m->opts.dtype() != at::kFloat)
-      throw std::invalid_argument("training needs float32 models, but the " + m->kind + " model is " +
-                                  std::string(c10::toString(m->opts.dtype().toScalarType())) +
-                                  " (load it with dtype fp32)");
+    const at::ScalarType t = m->opts.dtype().toScalarType();
+    if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf)
+      throw std::invalid_argument("training needs fp32, bf16 or fp16 models, but the " + m->kind + " model is " + std::string(c10::toString(t)));
+    if (half_on_cpu(m->opts))
+      throw std::invalid_argument("fp16 needs CUDA; use bf16 on CPU (the " + m->kind + " model is fp16 on the CPU, where libtorch lacks fp16 kernels)");
     if (m->opts.device() != unet.opts.device())
       throw std::invalid_argument("the unet, vae and clip_text models must be on one device (unet: " + unet.opts.device().str() + ", " + m->kind +
                                   ": " + m->opts.device().str() + ")");
@@ -164,19 +165,36 @@ void AdamW::zero_grad() {
   for (auto& p : params_) p.tensor.mutable_grad() = at::Tensor();
 }
 
-double AdamW::clip_grad_norm(double max_norm) {
+at::Tensor AdamW::grad_norm() {
   // torch/nn/utils/clip_grad.py (1.13), norm_type 2, error_if_nonfinite False
+  torch::NoGradGuard no_grad;
   std::vector<at::Tensor> norms;
   for (auto& p : params_)
     if (p.tensor.grad().defined()) norms.push_back(at::norm(p.tensor.grad().detach(), 2));
-  if (norms.empty()) return 0.0;
+  if (norms.empty()) return at::Tensor();
+  return at::norm(at::stack(norms), 2);
+}
+
+void AdamW::clip_grad(const at::Tensor& total, double max_norm) {
+  if (!total.defined()) return;
   torch::NoGradGuard no_grad;
-  at::Tensor total = at::norm(at::stack(norms), 2);
   // `max_norm / (total_norm + 1e-6)` is Tensor.__rtruediv__: reciprocal() * max_norm
   at::Tensor coef = (total + 1e-6).reciprocal() * max_norm;
   at::Tensor clamped = at::clamp(coef, c10::nullopt, 1.0);
   for (auto& p : params_)
     if (p.tensor.grad().defined()) p.tensor.grad().detach().mul_(clamped);
+}
+
+void AdamW::scale_grads(double factor) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : params_)
+    if (p.tensor.grad().defined()) p.tensor.grad().detach().mul_(factor);
+}
+
+double AdamW::clip_grad_norm(double max_norm) {
+  at::Tensor total = grad_norm();
+  if (!total.defined()) return 0.0;
+  clip_grad(total, max_norm);
   return total.item<double>();
 }
 
@@ -219,6 +237,10 @@ SingleInsertTrainer::SingleInsertTrainer(std::shared_ptr<LoadedModel> unet, std:
     : unet_(std::move(unet)), vae_(std::move(vae)), text_(std::move(text)), inputs_(std::move(inputs)), config_(std::move(config)) {
   check_models(*unet_, *vae_, *text_);
   opts_ = at::TensorOptions().dtype(at::kFloat).device(unet_->opts.device());
+  unet_dtype_ = unet_->opts.dtype().toScalarType();
+  vae_dtype_ = vae_->opts.dtype().toScalarType();
+  text_dtype_ = text_->opts.dtype().toScalarType();
+  loss_scaling_ = unet_dtype_ == at::kHalf || vae_dtype_ == at::kHalf || text_dtype_ == at::kHalf;
   const TrainerInputs& in = inputs_;
   auto check = [](bool ok, const std::string& msg) {
     if (!ok) throw std::invalid_argument(msg);
@@ -277,6 +299,15 @@ TrainerState SingleInsertTrainer::state() {
   return state_;
 }
 
+PrecisionInfo SingleInsertTrainer::precision() const {
+  return PrecisionInfo{dtype_name(unet_dtype_), dtype_name(vae_dtype_), dtype_name(text_dtype_), loss_scaling_};
+}
+
+DynamicLossScaler SingleInsertTrainer::loss_scaler() {
+  std::lock_guard<std::mutex> self(mutex_);
+  return scaler_;
+}
+
 void SingleInsertTrainer::init() {
   std::lock_guard<std::mutex> self(mutex_);
   if (disposed_) throw std::logic_error("this trainer was disposed");
@@ -312,14 +343,27 @@ void SingleInsertTrainer::init() {
   encoder->train();
   for (auto& p : encoder->parameters()) p.requires_grad_(true);
 
-  // 4. constants: x0 from the latent mean (not a sample), the class prompt without LoRA, the inputs on the device
+  // 4. constants: x0 from the latent mean (not a sample), the class prompt without LoRA, the inputs on
+  //    the device; computed in each model's dtype, kept in float32
   {
     torch::NoGradGuard no_grad;
-    at::Tensor image = inputs_.image.to(opts_);
-    x0_ = vae.encode(image).mean * vae.scaling_factor;  // [1, 4, h, w]
+    at::Tensor image = inputs_.image.to(opts_.device(), vae_dtype_);
+    x0_ = vae.encode(image).mean.to(at::kFloat) * vae.scaling_factor;  // [1, 4, h, w]
+    if (vae_dtype_ == at::kHalf && !at::isfinite(x0_).all().item<bool>()) {
+      // SD v1.5's VAE can overflow in fp16 (generate.cc redoes such decodes in fp32): encode once
+      // more with the weights cast to fp32 for the call and back (exact both ways)
+      vae.to(at::kFloat);
+      try {
+        x0_ = vae.encode(inputs_.image.to(opts_)).mean * vae.scaling_factor;
+      } catch (...) {
+        vae.to(vae_dtype_);
+        throw;
+      }
+      vae.to(vae_dtype_);
+    }
     ids_star_ = inputs_.ids_star.to(opts_.device());
     ids_class_ = inputs_.ids_class.to(opts_.device());
-    e_class_frozen_ = text.forward(ids_class_).last_hidden_state;  // [1, 77, C]
+    e_class_frozen_ = text.forward(ids_class_).last_hidden_state.to(at::kFloat);  // [1, 77, C]
   }
   mask_ = inputs_.mask_latent.to(opts_);
   if (mask_.size(2) != x0_.size(2) || mask_.size(3) != x0_.size(3))
@@ -330,9 +374,11 @@ void SingleInsertTrainer::init() {
   replace_index_ = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).view({-1, 2}).to(opts_.device());
 
   encoder_ = encoder;
-  // 5. the stage-I optimizer over the encoder
+  // 5. the stage-I optimizer over the encoder; a fresh loss scale and memory peak
   optimizer_ = std::make_unique<AdamW>(trainable_parameters(), AdamWOptions{});
   state_ = TrainerState{};
+  scaler_ = DynamicLossScaler{};
+  reset_peak_memory(opts_.device());
   initialized_ = true;
 }
 
@@ -353,29 +399,59 @@ std::vector<std::pair<std::string, at::Tensor>> SingleInsertTrainer::trainable_p
 }
 
 at::Tensor SingleInsertTrainer::encode_star(const at::Tensor& v) {
-  // v: [1, C] -> e*: [1, 77, C], the `*` token embedding replaced by v at every placeholder position
-  return text_of(*text_).forward(ids_star_, replace_index_, v.reshape({-1})).last_hidden_state;
+  // v: [1, C] float32 -> e*: [1, 77, C] float32, the `*` token embedding replaced by v at every
+  // placeholder position; v enters in the text encoder's dtype (the cast passes gradients back)
+  return text_of(*text_).forward(ids_star_, replace_index_, v.reshape({-1}).to(text_dtype_)).last_hidden_state.to(at::kFloat);
 }
 
 at::Tensor SingleInsertTrainer::unet_forward(const at::Tensor& x, const at::Tensor& t, const at::Tensor& context) {
-  // context: [1, 77, C], the same for every element -> expanded to the batch
-  return unet_of(*unet_).forward(x, t, context.expand({x.size(0), context.size(1), context.size(2)}));
+  // x: [n, 4, h, w] float32; context: [1, 77, C] float32, the same for every element -> expanded to
+  // the batch; both cast to the UNet's dtype, the noise prediction back to float32
+  at::Tensor ctx = context.expand({x.size(0), context.size(1), context.size(2)});
+  return unet_of(*unet_).forward(x.to(unet_dtype_), t, ctx.to(unet_dtype_)).to(at::kFloat);
 }
 
-Losses SingleInsertTrainer::run_batch(int stage, const at::Tensor& timesteps, const at::Tensor& noise, int64_t micro_batch, bool train) {
+namespace {
+
+// Sets the UNet's gradient_checkpointing for a scope: the switch lives on the shared model, so the
+// trainer turns it on only around its own passes (it holds the UNet's lock meanwhile).
+class CheckpointingScope {
+ public:
+  CheckpointingScope(UNet2DConditionModelImpl& unet, bool on) : unet_(unet), previous_(unet.gradient_checkpointing) { unet.gradient_checkpointing = on; }
+  ~CheckpointingScope() { unet_.gradient_checkpointing = previous_; }
+  CheckpointingScope(const CheckpointingScope&) = delete;
+  CheckpointingScope& operator=(const CheckpointingScope&) = delete;
+
+ private:
+  UNet2DConditionModelImpl& unet_;
+  bool previous_;
+};
+
+Losses losses_from(const at::Tensor& host) {
+  // host: [4] float64 on the CPU: fg, bg, sm, total
+  const double* v = host.data_ptr<double>();
+  return Losses{v[0], v[1], v[2], v[3]};
+}
+
+}  // namespace
+
+at::Tensor SingleInsertTrainer::run_batch(int stage, const at::Tensor& timesteps, const at::Tensor& noise, int64_t micro_batch, bool train,
+                                          double loss_scale) {
   const int64_t B = timesteps.size(0);
   const int64_t micro = micro_batch > 0 ? std::min(micro_batch, B) : B;
+  CheckpointingScope checkpointing(unet_of(*unet_), config_.grad_checkpointing);
 
   // 1. the placeholder embedding and the prompt encodings: once per batch
   at::Tensor v = encoder_->embed(pixels_);                                                            // [1, C]
   at::Tensor e_star = encode_star(v);                                                                 // [1, 77, C]
-  at::Tensor e_class = stage == 2 ? text_of(*text_).forward(ids_class_).last_hidden_state : e_class_frozen_;  // [1, 77, C]
+  at::Tensor e_class = stage == 2 ? text_of(*text_).forward(ids_class_).last_hidden_state.to(at::kFloat) : e_class_frozen_;  // [1, 77, C]
   // Leaves at the conditioning: each micro-batch backpropagates into them, and their summed
   // gradients go through the text encoder and the image encoder once, at the end.
   at::Tensor e_star_leaf = train ? e_star.detach().requires_grad_(true) : e_star;
   at::Tensor e_class_leaf = train && stage == 2 ? e_class.detach().requires_grad_(true) : e_class;
 
-  Losses sum;
+  // Σ (n/B)·[fg, bg, sm, total] in float64 on the device: read once by the caller, not per micro-batch
+  at::Tensor sum = at::zeros({4}, opts_.dtype(at::kDouble));
   for (int64_t start = 0; start < B; start += micro) {
     const int64_t n = std::min(micro, B - start);
     const double weight = static_cast<double>(n) / static_cast<double>(B);  // mean over the batch = Σ (n/B)·mean over the chunk
@@ -411,13 +487,10 @@ Losses SingleInsertTrainer::run_batch(int stage, const at::Tensor& timesteps, co
       bg = loss_bg(x_star, x_class_lora, mask_);
       sm = loss_sm(x_class_lora, x_class_frozen);
     }
-    // 5. eq. 7
+    // 5. eq. 7 (fp16: the backward pass sees the scaled loss, see DynamicLossScaler)
     at::Tensor total = fg + config_.gamma * bg + config_.eta * sm;
-    if (train) (total * weight).backward();
-    sum.fg += weight * fg.item<double>();
-    sum.bg += weight * bg.item<double>();
-    sum.sm += weight * sm.item<double>();
-    sum.total += weight * total.item<double>();
+    if (train) (total * (weight * loss_scale)).backward();
+    sum = sum + at::stack({fg.detach(), bg.detach(), sm.detach(), total.detach()}).to(at::kDouble) * weight;
   }
 
   // 6. through the text encoder (its LoRA in stage II) and the image encoder
@@ -458,23 +531,48 @@ StepResult SingleInsertTrainer::step(const StepOptions& o) {
     noise = at::randn({o.batch, x0_.size(1), x0_.size(2), x0_.size(3)}, gen, at::TensorOptions().dtype(at::kFloat));
   }
 
-  // 2. gradients of the batch, 3. clipping, 4. AdamW
+  // 2. gradients of the batch (of the scaled loss with fp16)
   optimizer_->zero_grad();
   StepResult r;
-  r.losses = run_batch(o.stage, t.to(opts_.device()), noise.to(opts_.device()), o.micro_batch, /*train=*/true);
-  r.grad_norm = optimizer_->clip_grad_norm(kMaxGradNorm);
-  optimizer_->step(o.lr);
+  const double scale = loss_scaling_ ? scaler_.scale : 1.0;
+  at::Tensor losses = run_batch(o.stage, t.to(opts_.device()), noise.to(opts_.device()), o.micro_batch, /*train=*/true, scale);
+  // 3. unscale (fp16), the norm, and with fp16 the skip decision: inf/NaN gradients skip the update
+  if (loss_scaling_) {
+    r.loss_scale = scale;
+    optimizer_->scale_grads(1.0 / scale);
+  }
+  if (o.return_gradients)
+    for (const auto& p : optimizer_->params())
+      if (p.tensor.grad().defined()) r.gradients.emplace_back(p.name, p.tensor.grad().detach().to(at::kCPU).clone());
+  at::Tensor norm = optimizer_->grad_norm();
+  bool apply = true;
+  if (loss_scaling_) apply = scaler_.update(!norm.defined() || std::isfinite(norm.item<double>()));
+  // 4. clipping and AdamW
+  if (apply) {
+    optimizer_->clip_grad(norm, kMaxGradNorm);
+    optimizer_->step(o.lr);
+  }
+  r.skipped = !apply;
   optimizer_->zero_grad();
   state_.steps_done[o.stage - 1]++;
+  // 5. the step's numbers to the host, in one copy
+  at::Tensor norm64 = norm.defined() ? norm.detach().to(at::kDouble).reshape({1}) : at::zeros({1}, losses.options());
+  at::Tensor host = at::cat({losses, norm64}).to(at::kCPU);
+  r.losses = losses_from(host);
+  r.grad_norm = host.data_ptr<double>()[4];
+  r.memory = memory_stats(opts_.device());
   return r;
 }
 
 std::pair<size_t, int64_t> SingleInsertTrainer::attach_lora(int64_t rank, double alpha) {
   // one generator for both models, in a fixed order: the same seed gives the same adapters
   at::Generator gen = cpu_generator(derive_seed(config_.seed, kSeedLoraInit, 0));
-  std::vector<at::Tensor> params = create_lora(unet_->model->module(), kLoraUnetPrefix, rank, alpha, LoraInit::KaimingUniform, kTrainerLoraName, gen);
+  // float32 adapters whatever the layers' dtype: they are trained (see add_lora in layers.h)
+  std::vector<at::Tensor> params =
+      create_lora(unet_->model->module(), kLoraUnetPrefix, rank, alpha, LoraInit::KaimingUniform, kTrainerLoraName, gen, at::kFloat);
   try {
-    std::vector<at::Tensor> te = create_lora(text_->model->module(), kLoraTextPrefix, rank, alpha, LoraInit::KaimingUniform, kTrainerLoraName, gen);
+    std::vector<at::Tensor> te =
+        create_lora(text_->model->module(), kLoraTextPrefix, rank, alpha, LoraInit::KaimingUniform, kTrainerLoraName, gen, at::kFloat);
     params.insert(params.end(), te.begin(), te.end());
   } catch (...) {
     remove_lora(unet_->model->module(), kTrainerLoraName);
@@ -506,7 +604,7 @@ Losses SingleInsertTrainer::evaluate(const at::Tensor& timesteps, const at::Tens
   check_batch(timesteps, noise, "evaluate");
   Locks locks(*this);
   torch::NoGradGuard no_grad;
-  return run_batch(state_.stage, timesteps.to(opts_.device()), noise.to(opts_), micro_batch, /*train=*/false);
+  return losses_from(run_batch(state_.stage, timesteps.to(opts_.device()), noise.to(opts_), micro_batch, /*train=*/false, 1.0).to(at::kCPU));
 }
 
 at::Tensor SingleInsertTrainer::embedding() {
@@ -555,6 +653,12 @@ void SingleInsertTrainer::save_checkpoint(const std::string& dir, const std::str
       << "\",\n  \"stage\": " << state_.stage << ",\n  \"steps_done\": [" << state_.steps_done[0] << ", " << state_.steps_done[1] << "],\n  \"lora\": ";
     if (state_.lora)
       s << "{\"rank\": " << state_.lora_rank << ", \"alpha\": " << number_str(state_.lora_alpha) << ", \"name\": \"" << kTrainerLoraName << "\"}";
+    else
+      s << "null";
+    // fp16: the loss scaler, so that a resumed run scales as the uninterrupted one would
+    s << ",\n  \"loss_scale\": ";
+    if (loss_scaling_)
+      s << "{\"scale\": " << number_str(scaler_.scale) << ", \"good_steps\": " << scaler_.good_steps << ", \"skipped_steps\": " << scaler_.skipped_steps << "}";
     else
       s << "null";
     s << "\n}\n";
@@ -606,6 +710,13 @@ CheckpointInfo SingleInsertTrainer::load_checkpoint(const std::string& dir) {
     loaded.lora_alpha = cfg_double(l, "alpha");
   }
   if (loaded.lora != (loaded.stage == 2)) throw std::invalid_argument((root / kStateFile).string() + ": stage and lora disagree");
+  DynamicLossScaler scaler;
+  if (cfg_has(st, "loss_scale")) {
+    const JsonValue& l = cfg_get(st, "loss_scale");
+    scaler.scale = cfg_double(l, "scale");
+    scaler.good_steps = cfg_int(l, "good_steps");
+    scaler.skipped_steps = cfg_int(l, "skipped_steps");
+  }
 
   Locks locks(*this);
   // 1. the stage: a stage-II checkpoint attaches the LoRA (its init is overwritten below) and starts
@@ -673,6 +784,7 @@ CheckpointInfo SingleInsertTrainer::load_checkpoint(const std::string& dir) {
       if (!used.count(t.name)) throw std::invalid_argument(file->path() + " has state for an unknown parameter: " + t.name);
   }
   state_ = loaded;
+  if (loss_scaling_) scaler_ = scaler;
   CheckpointInfo info;
   info.state = state_;
   info.meta_json = fs::exists(root / kMetaFile) ? read_text_file(root / kMetaFile) : "{}";
@@ -735,7 +847,12 @@ TensorMap singleinsert_loss_case(const std::shared_ptr<LoadedModel>& unet_model,
   freeze(unet);
   freeze(vae);
   freeze(text);
+  CheckpointingScope checkpointing(unet, in.grad_checkpointing);
   const at::TensorOptions opts = at::TensorOptions().dtype(at::kFloat).device(unet_model->opts.device());
+  // every model computes in its own dtype; what enters is cast to it, what leaves is float32 (as the trainer does)
+  const at::ScalarType unet_t = unet_model->opts.dtype().toScalarType(), vae_t = vae_model->opts.dtype().toScalarType(),
+                       text_t = text_model->opts.dtype().toScalarType();
+  auto unet_f32 = [&](const at::Tensor& x, const at::Tensor& t, const at::Tensor& ctx) { return unet.forward(x.to(unet_t), t, ctx.to(unet_t)).to(at::kFloat); };
   const at::Tensor alphas_cumprod = schedule_from_json(in.schedule_config).alphas_cumprod.to(opts.device());
   TensorMap out;
 
@@ -745,7 +862,7 @@ TensorMap singleinsert_loss_case(const std::shared_ptr<LoadedModel>& unet_model,
   at::Tensor x0;
   {
     torch::NoGradGuard no_grad;
-    x0 = vae.encode(in.image.to(opts)).mean * vae.scaling_factor;
+    x0 = vae.encode(in.image.to(opts.device(), vae_t)).mean.to(at::kFloat) * vae.scaling_factor;
   }
   x0 = x0.expand({B, x0.size(1), x0.size(2), x0.size(3)}).contiguous();
   // 2. the mask at latent size (nearest), one per element
@@ -759,14 +876,14 @@ TensorMap singleinsert_loss_case(const std::shared_ptr<LoadedModel>& unet_model,
   const at::Tensor ids_star = in.ids_star.to(opts.device()), ids_class = in.ids_class.to(opts.device());
   const at::Tensor v = in.v.to(opts).detach().requires_grad_(true);
   const at::Tensor replace_index = at::nonzero(ids_star == in.star_token_id);  // [P, 2] rows (batch, position)
-  const at::Tensor e_star = text.forward(ids_star, replace_index, v).last_hidden_state;
+  const at::Tensor e_star = text.forward(ids_star, replace_index, v.to(text_t)).last_hidden_state.to(at::kFloat);
   at::Tensor e_class, eps_class, x_class;
-  const at::Tensor eps_star = unet.forward(x_t, t, e_star);
+  const at::Tensor eps_star = unet_f32(x_t, t, e_star);
   const at::Tensor x_star = predict_x0(x_t, eps_star, ab);
   {
     torch::NoGradGuard no_grad;
-    e_class = text.forward(ids_class).last_hidden_state;
-    eps_class = unet.forward(x_t, t, e_class);
+    e_class = text.forward(ids_class).last_hidden_state.to(at::kFloat);
+    eps_class = unet_f32(x_t, t, e_class);
     x_class = predict_x0(x_t, eps_class, ab);
   }
   // 5. stage-I losses and their gradients w.r.t. v
@@ -805,9 +922,10 @@ TensorMap singleinsert_loss_case(const std::shared_ptr<LoadedModel>& unet_model,
     for (const auto& [name, a] : named_adapters(unet, kLoraUnetPrefix, case_lora))
       if (name == layer_name) adapter = a;
     if (!adapter) throw std::invalid_argument("loss case: " + in.lora_path + " has no UNet layer " + layer_name);
-    adapter->down.requires_grad_(true);
-    adapter->up.requires_grad_(true);
-    const at::Tensor eps_open = unet.forward(x_t, t, e_class);
+    // float32 leaves, as the trainer's adapters are (the same tensors when the UNet is float32)
+    adapter->down = adapter->down.detach().to(at::kFloat).requires_grad_(true);
+    adapter->up = adapter->up.detach().to(at::kFloat).requires_grad_(true);
+    const at::Tensor eps_open = unet_f32(x_t, t, e_class);
     const at::Tensor x_open = predict_x0(x_t, eps_open, ab);
     const at::Tensor L_sm = loss_sm(x_open, x_class);
     std::vector<at::Tensor> g = torch::autograd::grad({L_sm}, {adapter->down, adapter->up});

@@ -25,6 +25,21 @@
 // Optimizer per stage: as the official two-stage recipe runs two separate trainings, stage II starts
 // a NEW AdamW (fresh moments, step count 0) over the encoder and the LoRA; the encoder keeps its
 // stage-I weights but not its stage-I AdamW state.
+//
+// Precision (precision.h): the frozen UNet, VAE and text encoder may be fp32, bf16 or fp16 (each as it
+// was loaded); the encoder, the LoRA adapters (float32 even on bf16/fp16 layers), the AdamW state, x0,
+// the noise, x_t and the losses are float32. Model inputs are cast to the model's dtype and outputs
+// back to float32, so the placeholder vector reaches the text encoder through a cast that gradients
+// flow through. fp16 models turn on dynamic loss scaling (DynamicLossScaler: scale 2^16, a step with
+// inf/NaN gradients is skipped and the scale halved, ×2 after 2000 good steps); bf16 needs none.
+// fp16 on the CPU is refused (libtorch's CPU kernels lack it; use bf16 there). An fp16 VAE encode of
+// the training image that overflows is redone in fp32 (once, in init()).
+//
+// Host syncs: a step copies its losses and gradient norm to the host once, at its end (one transfer;
+// reporting them every step costs nothing more, as the step must end there anyway). fp16 adds one
+// for the inf/NaN check that decides whether the update is applied, fgNorm "mask" one per
+// micro-batch (the empty-mask check in loss_fg_masknorm), and the text encoder's bounds check of the
+// placeholder positions (clip.cc) four at the start of the step, while the device is idle.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,9 +52,11 @@
 #include <utility>
 #include <vector>
 
+#include "device_info.h"
 #include "image_encoder.h"
 #include "model.h"
 #include "model_handle.h"
+#include "precision.h"
 
 namespace si {
 
@@ -69,8 +86,15 @@ class AdamW {
 
   // Gradients to "none" (torch 2.x's zero_grad default; the same math as zeroing).
   void zero_grad();
-  // torch.nn.utils.clip_grad_norm_(params, max_norm) (norm 2): scales every gradient by
-  // min(1, max_norm / (total_norm + 1e-6)) and returns the total norm before clipping.
+  // The 2-norm over every gradient, as a 0-dim float32 tensor on the parameters' device (no host
+  // sync); undefined when no parameter has a gradient.
+  at::Tensor grad_norm();
+  // torch.nn.utils.clip_grad_norm_(params, max_norm) (norm 2) given the total norm from grad_norm():
+  // scales every gradient by min(1, max_norm / (total_norm + 1e-6)).
+  void clip_grad(const at::Tensor& total_norm, double max_norm);
+  // Multiplies every gradient by `factor` (loss-scaling: 1/scale).
+  void scale_grads(double factor);
+  // grad_norm + clip_grad; returns the total norm before clipping (one host sync).
   double clip_grad_norm(double max_norm);
   void step(double lr);
 
@@ -105,6 +129,9 @@ struct TrainerConfig {
   double gamma = 1.0, eta = 1.0;
   FgNorm fg_norm = FgNorm::Mean;
   uint64_t seed = 0;
+  // Recompute the UNet's blocks in backward instead of keeping their activations (checkpoint.h):
+  // the same losses and gradients for about one more UNet forward per backward.
+  bool grad_checkpointing = false;
 };
 
 struct Losses {
@@ -120,11 +147,24 @@ struct StepOptions {
   // Optional fixed batch (int64 [B] and [B, 4, h, w]) instead of the (seed, stage, step) draw, e.g. to
   // overfit one batch in a test; `batch` is then ignored.
   at::Tensor timesteps, noise;
+  // Also return every trainable parameter's gradient (unscaled, before clipping), for parity tests.
+  bool return_gradients = false;
 };
 
 struct StepResult {
   Losses losses;
-  double grad_norm = 0;  // before clipping
+  double grad_norm = 0;    // before clipping (after unscaling, with loss scaling)
+  bool skipped = false;    // fp16: the gradients held inf/NaN, so the update was not applied
+  double loss_scale = 0;   // fp16: the scale this step's loss was multiplied by; 0 without loss scaling
+  MemoryStats memory;      // after the step (CUDA peak since init(), or since the caller's reset)
+  // with return_gradients: (checkpoint key, gradient on the CPU) of every parameter that got one
+  std::vector<std::pair<std::string, at::Tensor>> gradients;
+};
+
+// The dtypes the trainer found, as "fp32" | "bf16" | "fp16".
+struct PrecisionInfo {
+  std::string unet, vae, text;
+  bool loss_scaling = false;  // any fp16 model
 };
 
 struct TrainerState {
@@ -150,7 +190,7 @@ uint64_t derive_seed(uint64_t seed, uint64_t a, uint64_t b);
 
 class SingleInsertTrainer {
  public:
-  // Takes the shared models (they must be float32 on one device, with no LoRA attached) and copies
+  // Takes the shared models (fp32, bf16 or fp16, on one device, with no LoRA attached) and copies
   // the inputs; nothing is computed until init(). Every method takes the trainer's mutex, and the
   // ones that touch the models (all but embedding() and state()) also the three models' mutexes.
   SingleInsertTrainer(std::shared_ptr<LoadedModel> unet, std::shared_ptr<LoadedModel> vae, std::shared_ptr<LoadedModel> text,
@@ -182,13 +222,18 @@ class SingleInsertTrainer {
   size_t dispose();
 
   TrainerState state();
+  PrecisionInfo precision() const;
+  // The loss scaler's state (meaningful when precision().loss_scaling).
+  DynamicLossScaler loss_scaler();
   int64_t hidden_size() const { return hidden_; }
   std::vector<int64_t> latent_shape() const;
   int64_t encoder_parameters();
 
  private:
   struct Locks;
-  Losses run_batch(int stage, const at::Tensor& timesteps, const at::Tensor& noise, int64_t micro_batch, bool train);
+  // Returns [fg, bg, sm, total] as float64 on the device (no host sync). With `train`, backpropagates
+  // loss_scale × the loss.
+  at::Tensor run_batch(int stage, const at::Tensor& timesteps, const at::Tensor& noise, int64_t micro_batch, bool train, double loss_scale);
   at::Tensor encode_star(const at::Tensor& v);
   at::Tensor unet_forward(const at::Tensor& x, const at::Tensor& t, const at::Tensor& context);
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters();
@@ -200,7 +245,10 @@ class SingleInsertTrainer {
   std::shared_ptr<LoadedModel> unet_, vae_, text_;
   TrainerInputs inputs_;
   TrainerConfig config_;
-  at::TensorOptions opts_;
+  at::TensorOptions opts_;  // float32 on the models' device: everything the trainer owns
+  at::ScalarType unet_dtype_ = at::kFloat, vae_dtype_ = at::kFloat, text_dtype_ = at::kFloat;
+  bool loss_scaling_ = false;
+  DynamicLossScaler scaler_;
   bool initialized_ = false, disposed_ = false;
 
   SingleInsertEncoder encoder_{nullptr};
@@ -233,9 +281,11 @@ struct LossCaseInputs {
   std::string schedule_config;   // resolved "ddpm" config JSON
   std::string lora_path;         // kohya LoRA file
   std::vector<std::string> lora_keys;  // `<layer>.lora_down.weight` and/or `<layer>.lora_up.weight` of one UNet layer
+  bool grad_checkpointing = false;     // run the UNet's blocks through checkpoint_block (same results)
 };
 
-// Outputs under the case's names: L_fg, L_fg_masknorm, L_bg, L, dL_dv, dL_fg_dv, dL_fg_masknorm_dv,
+// The models may be fp32, bf16 or fp16 (cast as the trainer does; the LoRA layer's adapter is made
+// float32 so its gradients are). Outputs under the case's names: L_fg, L_fg_masknorm, L_bg, L, dL_dv, dL_fg_dv, dL_fg_masknorm_dv,
 // dL_bg_dv, L_sm, dL_sm_dlora_down, dL_sm_dlora_up, and intermediates (x0, mask_latent,
 // alphas_cumprod_t, x_t, text_emb_star, text_emb_class, eps_star, eps_class, x0_pred_star,
 // x0_pred_class_fixed, eps_open_class, x0_pred_class_open).

@@ -2,9 +2,13 @@
 // checks here only guard the native side.
 //
 //   new Trainer({ unet, vae, textEncoder, encoderConfig, encoderWeights?, scheduleConfig, image, maskLatent,
-//                 encoderPixels, idsStar, idsClass, placeholderPositions, gamma?, eta?, fgNorm?, seed })
-//     .init() -> Promise<{ latentShape, hidden, encoderParameters, state }>
-//     .step({ stage, batch, microBatch?, lr, step, timesteps?, noise? }) -> Promise<{ losses: { fg, bg, sm, total }, gradNorm, state }>
+//                 encoderPixels, idsStar, idsClass, placeholderPositions, gamma?, eta?, fgNorm?, seed, gradCheckpointing? })
+//     .init() -> Promise<{ latentShape, hidden, encoderParameters, state, precision: { unet, vae, textEncoder, lossScaling } }>
+//     .step({ stage, batch, microBatch?, lr, step, timesteps?, noise?, returnGradients? })
+//        -> Promise<{ losses: { fg, bg, sm, total }, gradNorm, skipped, lossScale, memory, state, gradients? }>
+//        lossScale: the fp16 loss scale of the step (null without loss scaling); skipped: its update was
+//        not applied (inf/NaN gradients); memory: memoryStats() of the device after the step; gradients:
+//        with returnGradients, { <checkpoint key>: gradient } (unscaled, before clipping)
 //     .startStage2({ rank, alpha? }) -> Promise<{ modules, parameters, state }>
 //     .evaluate({ timesteps, noise, microBatch? }) -> Promise<{ fg, bg, sm, total }>
 //     .embedding() -> Promise<Tensor [1, C]>
@@ -15,7 +19,7 @@
 //   state = { stage, stepsDone: [stage I, stage II], lora: { rank, alpha } | null }
 //
 //   singleinsertLossCase({ unet, vae, textEncoder, scheduleConfig, image, mask_fullres | mask, timesteps, noise,
-//                          input_ids_star, input_ids_class, v, lora, lora_target_keys, star_token_id? })
+//                          input_ids_star, input_ids_class, v, lora, lora_target_keys, star_token_id?, gradCheckpointing? })
 //     -> Promise<{ L_fg, ..., "intermediate.x0", ... }>   (the singleinsert_losses case, see train.h)
 //
 // Every method queues one job on a worker thread; jobs hold the trainer alive and take its mutex and
@@ -85,6 +89,12 @@ at::Tensor tensor_opt(const Napi::Object& o, const char* key) {
   return tensor_from_js(o.Get(key), std::string("options.") + key);
 }
 
+bool bool_opt(const Napi::Object& o, const char* key, bool fallback) {
+  if (!has(o, key)) return fallback;
+  if (!o.Get(key).IsBoolean()) throw Napi::TypeError::New(o.Env(), std::string("Expected a boolean for options.") + key);
+  return o.Get(key).As<Napi::Boolean>().Value();
+}
+
 std::vector<std::string> string_list_opt(const Napi::Object& o, const char* key) {
   if (!has(o, key) || !o.Get(key).IsArray()) throw Napi::TypeError::New(o.Env(), std::string("Expected an array of strings for options.") + key);
   Napi::Array a = o.Get(key).As<Napi::Array>();
@@ -122,6 +132,26 @@ Napi::Object state_to_js(Napi::Env env, const TrainerState& s) {
   } else {
     o.Set("lora", env.Null());
   }
+  return o;
+}
+
+Napi::Value bytes_or_null(Napi::Env env, int64_t v) { return v < 0 ? env.Null() : Napi::Number::New(env, static_cast<double>(v)); }
+
+Napi::Object memory_to_js(Napi::Env env, const MemoryStats& m) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("peakAllocatedBytes", bytes_or_null(env, m.peak_allocated));
+  o.Set("allocatedBytes", bytes_or_null(env, m.allocated));
+  o.Set("reservedBytes", bytes_or_null(env, m.reserved));
+  o.Set("peakRssBytes", bytes_or_null(env, m.peak_rss));
+  return o;
+}
+
+Napi::Object precision_to_js(Napi::Env env, const PrecisionInfo& p) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("unet", p.unet);
+  o.Set("vae", p.vae);
+  o.Set("textEncoder", p.text);
+  o.Set("lossScaling", p.loss_scaling);
   return o;
 }
 
@@ -188,6 +218,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
     const int64_t seed = int_opt(o, "seed", 0, true);
     if (seed < 0) throw Napi::TypeError::New(env, "Expected a non-negative integer for options.seed");
     cfg.seed = static_cast<uint64_t>(seed);
+    cfg.grad_checkpointing = bool_opt(o, "gradCheckpointing", false);
     try {
       trainer_ = std::make_shared<SingleInsertTrainer>(unet, vae, text, std::move(in), std::move(cfg));
     } catch (const std::exception& e) {
@@ -207,6 +238,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
       std::vector<int64_t> latent;
       int64_t hidden = 0, params = 0;
       TrainerState state;
+      PrecisionInfo precision;
     };
     auto r = std::make_shared<R>();
     return queue(
@@ -217,6 +249,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
           r->hidden = t->hidden_size();
           r->params = t->encoder_parameters();
           r->state = t->state();
+          r->precision = t->precision();
         },
         [r](Napi::Env env) -> Napi::Value {
           Napi::Object o = Napi::Object::New(env);
@@ -226,6 +259,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
           o.Set("hidden", static_cast<double>(r->hidden));
           o.Set("encoderParameters", static_cast<double>(r->params));
           o.Set("state", state_to_js(env, r->state));
+          o.Set("precision", precision_to_js(env, r->precision));
           return o;
         });
   }
@@ -243,6 +277,7 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
       s.timesteps = tensor_opt(o, "timesteps");
       s.noise = tensor_opt(o, "noise");
     }
+    s.return_gradients = bool_opt(o, "returnGradients", false);
     struct R {
       StepResult step;
       TrainerState state;
@@ -258,6 +293,14 @@ class TrainerWrap : public Napi::ObjectWrap<TrainerWrap> {
           Napi::Object o = Napi::Object::New(env);
           o.Set("losses", losses_to_js(env, r->step.losses));
           o.Set("gradNorm", r->step.grad_norm);
+          o.Set("skipped", r->step.skipped);
+          o.Set("lossScale", r->step.loss_scale > 0 ? Napi::Number::New(env, r->step.loss_scale) : env.Null());
+          o.Set("memory", memory_to_js(env, r->step.memory));
+          if (!r->step.gradients.empty()) {
+            Napi::Object g = Napi::Object::New(env);
+            for (const auto& [k, v] : r->step.gradients) g.Set(k, tensor_to_js(env, v));
+            o.Set("gradients", g);
+          }
           o.Set("state", state_to_js(env, r->state));
           return o;
         });
@@ -386,6 +429,7 @@ Napi::Value LossCase(const Napi::CallbackInfo& info) {
   in.schedule_config = string_opt(o, "scheduleConfig", "", true);
   in.lora_path = string_opt(o, "lora", "", true);
   in.lora_keys = string_list_opt(o, "lora_target_keys");
+  in.grad_checkpointing = bool_opt(o, "gradCheckpointing", false);
   auto out = std::make_shared<TensorMap>();
   return queue(
       env, "singleinsertLossCase", [unet, vae, text, in, out] { *out = singleinsert_loss_case(unet, vae, text, in); },

@@ -2,11 +2,15 @@
 // the comments are diffusers' (src/diffusers/models/...).
 #include "unet.h"
 
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
 #include <cmath>
 #include <memory>
 #include <stdexcept>
 
 #include "attention.h"
+#include "checkpoint.h"
 
 namespace si {
 
@@ -487,8 +491,11 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
     if (debug) (*debug)[name] = t;
   };
 
-  // 0. center input if necessary
+  // 0. center input if necessary; channels-last memory order when asked (same values)
   at::Tensor sample = cfg.center_input_sample ? sample_in * 2 - 1.0 : sample_in;
+  if (channels_last) sample = sample.contiguous(at::MemoryFormat::ChannelsLast);
+  // blocks run through checkpoint_block only when a backward will follow
+  const bool checkpointed = gradient_checkpointing && at::GradMode::is_enabled();
 
   // 1. time: broadcast to the batch, sinusoidal projection (float32), MLP in the model dtype
   at::Tensor timesteps = timestep.reshape({-1}).to(sample.device()).expand({B});
@@ -504,12 +511,30 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
   // 3. down: every resnet/attention output and downsampler output is a skip for the up path
   std::vector<at::Tensor> skips{sample};
   for (size_t i = 0; i < downs.size(); ++i) {
-    sample = downs[i](sample, emb, encoder_hidden_states, skips);
+    if (checkpointed) {
+      // the block's outputs are its skips; the last one is its hidden state
+      std::shared_ptr<DownBlockImpl> block = downs[i].ptr();
+      std::vector<at::Tensor> out = checkpoint_block(*block, [block](const std::vector<at::Tensor>& in) {
+        std::vector<at::Tensor> block_skips;
+        block->forward(in[0], in[1], in[2], block_skips);
+        return block_skips;
+      }, {sample, emb, encoder_hidden_states});
+      skips.insert(skips.end(), out.begin(), out.end());
+      sample = out.back();
+    } else {
+      sample = downs[i](sample, emb, encoder_hidden_states, skips);
+    }
     if (debug) (*debug)["down_blocks." + std::to_string(i)] = sample;
   }
 
   // 4. mid
-  sample = mid_block(sample, emb, encoder_hidden_states);
+  if (checkpointed) {
+    std::shared_ptr<UNetMidBlock2DCrossAttnImpl> block = mid_block.ptr();
+    sample = checkpoint_block(*block, [block](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{block->forward(in[0], in[1], in[2])}; },
+                              {sample, emb, encoder_hidden_states})[0];
+  } else {
+    sample = mid_block(sample, emb, encoder_hidden_states);
+  }
   record("mid_block", sample);
 
   // 5. up: each block takes as many skips as it has resnets, and upsamples to the spatial size of
@@ -520,7 +545,17 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
     skips.resize(skips.size() - take);
     std::vector<int64_t> upsample_size;
     if (!skips.empty()) upsample_size = {skips.back().size(2), skips.back().size(3)};
-    sample = ups[i](sample, emb, encoder_hidden_states, std::move(block_skips), upsample_size);
+    if (checkpointed) {
+      // inputs: hidden state, temb, context, then this block's skips
+      std::shared_ptr<UpBlockImpl> block = ups[i].ptr();
+      std::vector<at::Tensor> in{sample, emb, encoder_hidden_states};
+      in.insert(in.end(), block_skips.begin(), block_skips.end());
+      sample = checkpoint_block(*block, [block, upsample_size](const std::vector<at::Tensor>& x) {
+        return std::vector<at::Tensor>{block->forward(x[0], x[1], x[2], std::vector<at::Tensor>(x.begin() + 3, x.end()), upsample_size)};
+      }, in)[0];
+    } else {
+      sample = ups[i](sample, emb, encoder_hidden_states, std::move(block_skips), upsample_size);
+    }
     if (debug) (*debug)["up_blocks." + std::to_string(i)] = sample;
   }
 
@@ -530,6 +565,15 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample_in, const 
   sample = apply_activation(cfg.act_fn, sample);
   record("conv_act", sample);
   return conv_out(sample);  // [B, out_channels, h, w]
+}
+
+void UNet2DConditionModelImpl::set_channels_last(bool on) {
+  torch::NoGradGuard no_grad;
+  const at::MemoryFormat format = on ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // set_data keeps each parameter's TensorImpl, so the layers' weight members see the new layout
+  for (auto& p : parameters(/*recurse=*/true))
+    if (p.dim() == 4) p.set_data(p.contiguous(format));
+  channels_last = on;
 }
 
 // ---------------------------------------------------------------- NativeModel

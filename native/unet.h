@@ -220,6 +220,19 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // time_embedding, conv_in, down_blocks.i, mid_block, up_blocks.i, conv_norm_out, conv_act) in *debug.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timestep, const at::Tensor& encoder_hidden_states, TensorMap* debug);
 
+  // Memory and speed switches, both off by default (forward is then exactly the diffusers port):
+  //   gradient_checkpointing: with grad mode on, each down/mid/up block runs through
+  //     checkpoint_block (checkpoint.h): its activations are recomputed in backward instead of kept.
+  //     No effect under NoGradGuard (inference). Set by the trainer for its steps.
+  //   channels_last: the sample enters the UNet in channels-last (NHWC) memory order; with the conv
+  //     weights converted by set_channels_last, cuDNN picks its NHWC tensor-core kernels. Same math;
+  //     meant for CUDA with bf16/fp16 (on the CPU it is allowed but rarely faster).
+  bool gradient_checkpointing = false;
+  bool channels_last = false;
+  // Converts every 4-D weight to channels-last (or back to contiguous) memory order, in place, and
+  // sets channels_last.
+  void set_channels_last(bool on);
+
   UNetConfig cfg;
   Conv2d conv_in{nullptr}, conv_out{nullptr};
   TimestepEmbedding time_embedding{nullptr};

@@ -108,7 +108,10 @@ describe('SingleInsert training (tiny-sd, 64 px)', () => {
     // progress: one event per step, in order, with the documented shape
     expect(events.map((e) => [e.stage, e.step, e.steps])).toEqual([[1, 1, 3], [1, 2, 3], [1, 3, 3], [2, 1, 3], [2, 2, 3], [2, 3, 3]]);
     for (const e of events) {
-      expect(Object.keys(e).sort()).toEqual(['etaSec', 'gradNorm', 'itPerSec', 'losses', 'lr', 'stage', 'step', 'steps']);
+      expect(Object.keys(e).sort()).toEqual(['etaSec', 'gradNorm', 'itPerSec', 'lossScale', 'losses', 'lr', 'peakMemoryBytes', 'peakRssBytes', 'skipped', 'stage', 'step', 'steps']);
+      // fp32 on the CPU: no loss scaling, no CUDA allocator; the process's peak RSS is known
+      expect([e.lossScale, e.skipped, e.peakMemoryBytes]).toEqual([null, false, null]);
+      expect(e.peakRssBytes).toBeGreaterThan(0);
       expect(Object.keys(e.losses).sort()).toEqual(['bg', 'fg', 'sm', 'total']);
       for (const v of [...Object.values(e.losses), e.gradNorm, e.itPerSec, e.etaSec]) expect(Number.isFinite(v)).toBe(true);
       expect(e.lr).toBe(1e-3);
@@ -421,7 +424,7 @@ describe('SingleInsert training (tiny-sd, 64 px)', () => {
       await runTrain({ ...argv(out), json: true }, { stdout: stdout.stream, stderr: stderr.stream });
       const lines = stdout.text().trim().split('\n').map((l) => JSON.parse(l));
       expect(lines.map((l) => [l.event, l.stage, l.step])).toEqual([['progress', 1, 1], ['progress', 1, 2], ['progress', 2, 1], ['done', undefined, undefined]]);
-      expect(Object.keys(lines[0]).sort()).toEqual(['etaSec', 'event', 'gradNorm', 'itPerSec', 'losses', 'lr', 'stage', 'step', 'steps']);
+      expect(Object.keys(lines[0]).sort()).toEqual(['etaSec', 'event', 'gradNorm', 'itPerSec', 'lossScale', 'losses', 'lr', 'peakMemoryBytes', 'peakRssBytes', 'skipped', 'stage', 'step', 'steps']);
       expect(lines[3]).toMatchObject({ out, prompt: '* face', files: { lora: path.join(out, 'lora.safetensors') } });
       expect(stderr.text()).toBe('');
       expect(fs.existsSync(path.join(out, 'concept.json'))).toBe(true);
@@ -440,10 +443,16 @@ describe('SingleInsert training (tiny-sd, 64 px)', () => {
       const err = capture();
       const reporter = new TrainProgressReporter(err.stream);
       const losses = { fg: 0.5, bg: 0.0002, sm: 0, total: 0.5002 };
-      for (let step = 1; step <= 20; step++) reporter.update({ stage: 1, step, steps: 20, losses, lr: 1e-4, gradNorm: 1, itPerSec: 2, etaSec: (20 - step) / 2 });
+      const cpu = { lossScale: null, skipped: false, peakMemoryBytes: null, peakRssBytes: 1e9 };
+      for (let step = 1; step <= 20; step++) reporter.update({ stage: 1, step, steps: 20, losses, lr: 1e-4, gradNorm: 1, itPerSec: 2, etaSec: (20 - step) / 2, ...cpu });
       expect(err.text().trim().split('\n')).toHaveLength(10);
-      expect(formatProgress({ stage: 2, step: 25, steps: 100, losses: { fg: 0.1234, bg: 0.0012, sm: 0.00004, total: 0.1246 }, lr: 5e-5, gradNorm: 1, itPerSec: 3.14159, etaSec: 95 })).toBe(
+      expect(formatProgress({ stage: 2, step: 25, steps: 100, losses: { fg: 0.1234, bg: 0.0012, sm: 0.00004, total: 0.1246 }, lr: 5e-5, gradNorm: 1, itPerSec: 3.14159, etaSec: 95, ...cpu })).toBe(
         'stage II [#####---------------]  25/100  fg 0.1234  bg 0.0012  sm 4.00e-5  total 0.1246  3.14 it/s  eta 1m35s',
+      );
+      // CUDA with fp16: the allocator's peak and the loss scale, and a skipped step is marked
+      const gpu = { lossScale: 32768, skipped: true, peakMemoryBytes: 12.5 * 2 ** 30, peakRssBytes: 1e9 };
+      expect(formatProgress({ stage: 1, step: 1, steps: 50, losses: { fg: 0.5, bg: 0.25, sm: 0, total: 0.75 }, lr: 1e-4, gradNorm: 1, itPerSec: 4, etaSec: 37, ...gpu })).toBe(
+        'stage I  [--------------------]  1/50  fg 0.5000  bg 0.2500  total 0.7500  4.00 it/s  eta 37s  mem 12.5 GiB  scale 32768 (step skipped)',
       );
     });
 

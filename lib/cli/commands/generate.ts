@@ -61,6 +61,8 @@ export interface GenerateCommandOptions {
   preset?: PresetName;
   /** write sheet.png (default: with preset) */
   sheet?: boolean;
+  /** the UNet in channels-last memory order (faster on CUDA with bf16/fp16) */
+  channelsLast?: boolean;
 }
 
 /** Contact sheet tiles are at least this wide, so the prompt under a row of tiny (64 px) images stays readable. */
@@ -110,7 +112,8 @@ export function builder(y: Argv): Argv<Partial<GenerateCommandOptions> & { json?
     .option('out', { type: 'string', default: '.', describe: 'output folder (created if needed)' })
     .option('json', { type: 'boolean', default: false, describe: 'print a JSON report instead of the file paths' })
     .option('device', { type: 'string', default: 'cpu', describe: '"cpu", "cuda" or "cuda:N"' })
-    .option('dtype', { type: 'string', default: 'fp32', choices: ['fp32', 'fp16', 'bf16'], describe: 'weights dtype' }) as Argv<
+    .option('dtype', { type: 'string', default: 'fp32', choices: ['fp32', 'fp16', 'bf16'], describe: 'weights dtype (fp16 needs CUDA; latents and scheduler stay fp32)' })
+    .option('channels-last', { type: 'boolean', default: false, describe: 'the UNet in channels-last memory order (faster on CUDA with bf16/fp16)' }) as Argv<
     Partial<GenerateCommandOptions> & { json?: boolean }
   >;
 }
@@ -169,7 +172,7 @@ export async function runGenerate(opts: GenerateCommandOptions, io: GenerateIo =
   const stderr = io.stderr ?? process.stderr;
   const started = Date.now();
 
-  const pipeline = await loadPipeline(opts.model, { device: opts.device, dtype: opts.dtype });
+  const pipeline = await loadPipeline(opts.model, { device: opts.device, dtype: opts.dtype, channelsLast: opts.channelsLast });
   let reporter: ProgressReporter | null = null;
   try {
     // concepts, embeddings, LoRAs
@@ -314,6 +317,7 @@ export async function handler(argv: ArgumentsCamelCase<Partial<GenerateCommandOp
         embedding: argv.embedding,
         preset: argv.preset,
         sheet: argv.sheet,
+        channelsLast: argv.channelsLast,
       },
       { signal: controller.signal },
     );

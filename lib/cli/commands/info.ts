@@ -24,6 +24,7 @@ export async function runInfo(opts: { json?: boolean; verbose?: boolean }): Prom
       `singleinsert-native ${version()}`,
       `libtorch ${b.torchVersion} (${b.torchSource}), ${b.buildType} build, N-API ${b.napiVersion}`,
       `CUDA: ${b.cudaAvailable ? `${b.cudaDeviceCount} device(s)` : 'not available'}`,
+      ...b.cudaDevices.map((d) => `  cuda:${d.index} ${d.name}, compute capability ${d.computeCapability}, ${(d.totalMemoryBytes / 2 ** 30).toFixed(1)} GiB`),
       `threads: ${b.threads} intra-op, ${b.interopThreads} inter-op`,
     ].join('\n') + '\n',
   );

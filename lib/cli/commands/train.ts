@@ -21,6 +21,9 @@ export interface TrainCommandOptions {
   class?: string;
   model?: string;
   device?: string;
+  dtype?: string;
+  channelsLast?: boolean;
+  gradCheckpointing?: boolean;
   out?: string;
   resolution?: number;
   stage?: string | number;
@@ -50,6 +53,9 @@ export function builder(y: Argv): Argv<TrainCommandOptions> {
     .option('class', { type: 'string', describe: 'class word of the concept, e.g. face, dog, "teddy bear" (required unless --resume)' })
     .option('model', { type: 'string', describe: `SD v1.5 model: diffusers folder, hub id in the local cache, or .safetensors file [default: ${DEFAULT_MODEL}]` })
     .option('device', { type: 'string', describe: 'cpu, cuda or cuda:N [default: cpu]' })
+    .option('dtype', { type: 'string', choices: ['fp32', 'bf16', 'fp16'], describe: 'dtype of the frozen SD models (fp16 needs CUDA; the trained parts stay fp32) [default: fp32]' })
+    .option('channels-last', { type: 'boolean', describe: "the UNet in channels-last memory order (faster on CUDA with bf16/fp16)" })
+    .option('grad-checkpointing', { type: 'boolean', describe: "recompute the UNet's blocks in backward: less memory, ~1 more UNet forward per step, same results" })
     .option('out', { type: 'string', describe: 'output folder [default: ./concept, or the --resume folder]' })
     .option('resolution', { type: 'number', describe: 'training resolution, a multiple of 64 [default: 512]' })
     .option('stage', { type: 'string', choices: ['1', '2', 'both'], describe: 'which stages to run [default: both]' })
@@ -93,6 +99,9 @@ export function trainOptionsFromCli(opts: TrainCommandOptions): TrainOptions {
   const out: Record<string, unknown> = {
     model: opts.model ?? (opts.resume ? undefined : DEFAULT_MODEL),
     device: opts.device,
+    dtype: opts.dtype,
+    channelsLast: opts.channelsLast,
+    gradCheckpointing: opts.gradCheckpointing,
     image: opts.image,
     mask: opts.mask,
     classWord: opts.class,
@@ -126,12 +135,18 @@ function duration(sec: number): string {
   return s >= 3600 ? `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m` : s >= 60 ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s` : `${s}s`;
 }
 
-/** One progress line: "stage I  [#####-----]  25/50  fg 0.1234  bg 0.0012  sm 0  total 0.1246  3.1 it/s  eta 40s". */
+/**
+ * One progress line: "stage I  [#####-----]  25/50  fg 0.1234  bg 0.0012  sm 0  total 0.1246  3.1 it/s  eta 40s",
+ * plus "  mem 12.5 GiB" on CUDA (the allocator's peak) and "  scale 65536" with fp16's loss scaling
+ * (" (step skipped)" when the step's gradients overflowed).
+ */
 export function formatProgress(p: TrainProgress, width = 20): string {
   const filled = p.steps > 0 ? Math.round((width * p.step) / p.steps) : width;
   const bar = '#'.repeat(filled) + '-'.repeat(width - filled);
   const losses = `fg ${fmt(p.losses.fg)}  bg ${fmt(p.losses.bg)}${p.stage === 2 ? `  sm ${fmt(p.losses.sm)}` : ''}  total ${fmt(p.losses.total)}`;
-  return `stage ${p.stage === 1 ? 'I ' : 'II'} [${bar}] ${String(p.step).padStart(String(p.steps).length)}/${p.steps}  ${losses}  ${p.itPerSec.toFixed(2)} it/s  eta ${duration(p.etaSec)}`;
+  const memory = p.peakMemoryBytes !== null ? `  mem ${(p.peakMemoryBytes / 2 ** 30).toFixed(1)} GiB` : '';
+  const scale = p.lossScale !== null ? `  scale ${p.lossScale}${p.skipped ? ' (step skipped)' : ''}` : '';
+  return `stage ${p.stage === 1 ? 'I ' : 'II'} [${bar}] ${String(p.step).padStart(String(p.steps).length)}/${p.steps}  ${losses}  ${p.itPerSec.toFixed(2)} it/s  eta ${duration(p.etaSec)}${memory}${scale}`;
 }
 
 /**
@@ -185,7 +200,7 @@ export async function runTrain(opts: TrainCommandOptions, io: TrainIo = {}): Pro
   }
   const { concept, files } = result;
   if (opts.json) {
-    stdout.write(JSON.stringify({ event: 'done', out: result.out, files, placeholder: concept.placeholder, classWord: concept.classWord, prompt: concept.prompt, finalLosses: concept.finalLosses, timings: concept.timings }) + '\n');
+    stdout.write(JSON.stringify({ event: 'done', out: result.out, files, placeholder: concept.placeholder, classWord: concept.classWord, prompt: concept.prompt, finalLosses: concept.finalLosses, timings: concept.timings, precision: concept.precision, memory: concept.memory }) + '\n');
   } else {
     const written = [files.embedding, files.lora, files.encoder, files.concept].filter((f): f is string => f !== null).map((f) => path.basename(f));
     stdout.write(
