@@ -1,5 +1,6 @@
 // CLIP towers and CLIPModel, ported from transformers 4.33 src/transformers/models/clip/modeling_clip.py.
 #include "clip.h"
+#include "util.h"
 
 #include <stdexcept>
 #include <string>
@@ -10,12 +11,6 @@
 namespace si {
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? "," : "") + std::to_string(s[i]);
-  return o + "]";
-}
 
 // transformers.activations: QuickGELUActivation is x * sigmoid(1.702 x) (the approximation the
 // original CLIP was trained with); GELUActivation is the exact erf form.

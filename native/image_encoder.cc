@@ -1,5 +1,6 @@
 // SingleInsert image encoder (see image_encoder.h).
 #include "image_encoder.h"
+#include "util.h"
 
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -22,14 +23,6 @@ constexpr double kInitializerFactor = 1.0;
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
 }
 
 }  // namespace

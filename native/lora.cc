@@ -4,6 +4,7 @@
 // names, kaiming-uniform down / zero up, alpha/rank scaling, save metadata) and diffusers 0.25.1
 // (models/lora.py LoRACompatibleLinear/Conv: y = W x + b + scale * (alpha / rank) * up(down(x))).
 #include "lora.h"
+#include "util.h"
 
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -42,14 +43,6 @@ const std::regex& target_pattern(const std::string& prefix) {
 std::string other_prefix(const std::string& prefix) { return prefix == kLoraUnetPrefix ? kLoraTextPrefix : kLoraUnetPrefix; }
 
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 // At most `limit` lines, then "... and N more" (as weights.cc): a broken file must give a readable error.
 std::string listing(const std::string& title, const std::vector<std::string>& items, size_t limit = 25) {

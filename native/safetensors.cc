@@ -1,4 +1,5 @@
 #include "safetensors.h"
+#include "util.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -32,7 +33,8 @@ const DTypeEntry kDTypes[] = {
     {"U8", at::kByte, 1},    {"BOOL", at::kBool, 1},
 };
 
-std::string shape_str(const std::vector<int64_t>& shape) {
+// The header's compact JSON array, as the reference writer emits it: "[2,3]".
+std::string json_shape(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
   return s + "]";
@@ -242,7 +244,7 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     }
     uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
     std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-    h += (first ? "" : ",") + json_quote(name) + ":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape_str(shape) +
+    h += (first ? "" : ",") + json_quote(name) + ":{\"dtype\":\"" + dtype + "\",\"shape\":" + json_shape(shape) +
          ",\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + nbytes) + "]}";
     first = false;
     offset += nbytes;

@@ -1,5 +1,6 @@
 // SingleInsert training: AdamW, the two-stage trainer and the golden loss case (see train.h).
 #include "train.h"
+#include "util.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
@@ -56,14 +57,6 @@ uint64_t splitmix64(uint64_t x) {
 }
 
 at::Generator cpu_generator(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 std::string number_str(double v) {
   char buf[40];

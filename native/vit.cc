@@ -1,5 +1,6 @@
 // ViTModel (no pooler), ported from transformers 4.33 src/transformers/models/vit/modeling_vit.py.
 #include "vit.h"
+#include "util.h"
 
 #include <stdexcept>
 #include <string>
@@ -10,12 +11,6 @@
 namespace si {
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? "," : "") + std::to_string(s[i]);
-  return o + "]";
-}
 
 }  // namespace
 

@@ -1,4 +1,5 @@
 #include "weights.h"
+#include "util.h"
 
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -8,14 +9,6 @@
 namespace si {
 
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? "," : "") << s[i];
-  o << "]";
-  return o.str();
-}
 
 // At most `limit` names, then "... and N more": a broken 1,000-key file must still give a readable error.
 void list(std::ostringstream& o, const char* title, const std::vector<std::string>& items, size_t limit = 25) {

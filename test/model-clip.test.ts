@@ -104,7 +104,7 @@ describe('clip_text (CLIPTextModel)', () => {
     ).rejects.toThrow('replace_index holds (batch, position) outside [0, 3) x [0, 77)');
     await expect(
       model.run('forward', { input_ids: ids, replace_index: i64([0, 4], [1, 2]), replace_values: { dtype: 'F32', shape: [2, 32], data: new Float32Array(64) } }),
-    ).rejects.toThrow('replace_values must be [1, 32] or [32], got [2,32]');
+    ).rejects.toThrow('replace_values must be [1, 32] or [32], got [2, 32]');
   });
 
   test('manifest sd15_text_encoder.json (196 keys, 123,060,480 parameters)', () => {
