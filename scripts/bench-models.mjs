@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Benchmark (not a test): forward times of the tiny model's UNet, text encoder and VAE on CPU,
-// median of several runs, printed as one JSON object so later speed work has a baseline.
+// and the time of one SingleInsert training step in each stage at the paper's batch sizes
+// (stage I 16, stage II 4), medians of several runs, printed as one JSON object so later speed
+// work has a baseline.
 //   node scripts/bench-models.mjs [--model <diffusers folder>] [--runs 7] [--batch 2]
 import path from 'node:path';
 import { createRequire } from 'node:module';
@@ -63,6 +65,24 @@ const result = {
   vaeEncode: await time(() => p.vae.run('encode', { sample: image })),
   vaeDecode: await time(() => p.vae.run('decode', { latent: sample })),
 };
+// training steps on the fixture image (face64 + mask), at the model's own resolution
+const fixtures = process.env.SINGLEINSERT_FIXTURES ?? path.join(root, '..', 'shared', 'fixtures');
+const resolution = latent * 8;
+const encoderConfig = lib.resolveConfig('clip_vision', { hidden_size: 32, intermediate_size: 37, num_hidden_layers: 2, num_attention_heads: 4, image_size: 32, patch_size: 8, projection_dim: hidden }, 'bench encoder');
+const inputs = await lib.loadTrainingInputs({
+  image: path.join(fixtures, 'cases', 'images', 'face64.png'),
+  mask: path.join(fixtures, 'cases', 'images', 'face64_mask.png'),
+  resolution,
+  crop: 'none',
+  encoderSize: 32,
+});
+const trainer = await lib.Trainer.create(p, { inputs, classWord: 'face', seed: 1, imageEncoder: { source: 'random', config: encoderConfig, weights: null, processor: null } });
+let s1 = 0;
+result.trainStage1Batch16 = await time(() => trainer.step({ stage: 1, batch: 16, lr: 1e-4, step: s1++ }));
+await trainer.startStage2({ rank: 4 });
+let s2 = 0;
+result.trainStage2Batch4 = await time(() => trainer.step({ stage: 2, batch: 4, lr: 5e-5, step: s2++ }));
+await trainer.dispose();
 delete result.build.parallelInfo;
 p.dispose();
 console.log(JSON.stringify(result, null, 2));
