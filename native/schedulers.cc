@@ -368,7 +368,7 @@ class DPMSolverMultistepScheduler : public Scheduler {
 
 // ---------------------------------------------------------------- DDPM (scheduling_ddpm.py)
 
-// The training tables and timestep grid only; sampling with DDPM is not implemented.
+// The training tables and timestep grid only; sampling with DDPM is not supported (training uses its tables).
 class DDPMScheduler : public Scheduler {
  public:
   DDPMScheduler(const BetaScheduleConfig& cfg, int64_t n) : Scheduler("ddpm", cfg, n) {

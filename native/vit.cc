@@ -49,11 +49,11 @@ at::Tensor VitPatchEmbeddingsImpl::forward(const at::Tensor& pixel_values) {
   if (pixel_values.dim() != 4 || pixel_values.size(1) != num_channels)
     throw std::invalid_argument("ViT: pixel_values must be [B, " + std::to_string(num_channels) + ", H, W], got " + shape_str(pixel_values.sizes()));
   // ViTPatchEmbeddings.forward without interpolate_pos_encoding: the size must be the configured one
-  // (position-embedding interpolation is not implemented).
+  // (position-embedding interpolation is not supported).
   if (pixel_values.size(2) != image_size || pixel_values.size(3) != image_size)
     throw std::invalid_argument("ViT: input image size (" + std::to_string(pixel_values.size(2)) + "*" + std::to_string(pixel_values.size(3)) +
                                 ") doesn't match model (" + std::to_string(image_size) + "*" + std::to_string(image_size) +
-                                "); position-embedding interpolation is not implemented");
+                                "); position-embedding interpolation is not supported");
   // conv k = s = p: [B, C, g, g] -> [B, g*g, C]
   return projection(pixel_values).flatten(2).transpose(1, 2);
 }
