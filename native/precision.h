@@ -31,7 +31,7 @@ inline std::string dtype_name(at::ScalarType t) {
 }
 
 // libtorch's CPU kernels lack fp16 for several ops SD needs (LayerNorm, GroupNorm, conv on 1.13):
-// such a c10::Error becomes this message instead of "LayerNormKernelImpl not implemented for 'Half'".
+// such a c10::Error becomes this message instead of libtorch's kernel-dispatch error for 'Half' (e.g. from LayerNormKernelImpl).
 inline bool half_on_cpu(const at::TensorOptions& opts) { return opts.dtype() == at::kHalf && opts.device().is_cpu(); }
 
 // Runs f(); a c10::Error raised while a model of `opts` is fp16 on the CPU is rethrown with the fix.
